@@ -1,0 +1,1 @@
+"""Built-in dataset plugins, one per module; installed as `robustbench_mat.datasets`."""

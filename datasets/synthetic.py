@@ -1,0 +1,81 @@
+"""The interpretable synthetic task of the MAT paper's Figure 1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from torch import nn
+
+from robustbench_mat.backbones import linear
+from robustbench_mat.data import BenchmarkDataset, SplitArrays
+from robustbench_mat.hparams import HParam
+from robustbench_mat.registry import register_dataset
+
+_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
+
+
+@register_dataset("synthetic")
+class Synthetic(BenchmarkDataset):
+    """Figure 1 of the MAT paper: a core and a 5x easier spurious feature plus per-example noise.
+
+    Each split draws `n` examples with y ~ Bernoulli(1/2). The core feature is
+    x_y = (0.12 * N(0, 1) - 1) * (2y - 1); the spurious feature x_a is drawn the same way and then
+    has its sign flipped on exactly (1 - majority) of the examples, 90% majority in train and 50%
+    in val and test. The input is [x_y, 5 * x_a, noise_std * N(0, I_{dim-2})]: the noise
+    dimensions let a model memorise single examples. The attribute a is the class the spurious
+    feature points to, so majority examples have a == y. The seed of split s is seed + {0, 1, 2}.
+    """
+
+    paper = "Bayat, Pezeshki et al. 2024, The Pitfalls of Memorization (arXiv 2412.07684)"
+    n_classes = 2
+    n_attributes = 2
+    class_names = ("y0", "y1")
+    attribute_names = ("a0", "a1")
+    default_steps = 1000
+    default_eval_every = 10
+    default_checkpoint_every = 100
+    evaluate_train = True
+    params = {
+        "n": HParam(1000, "examples per split"),
+        "dim": HParam(1800, "input dimensions: 2 features plus dim - 2 noise dimensions"),
+        "noise_std": HParam(0.5, "standard deviation of the example-specific noise dimensions"),
+        "majority": HParam(0.9, "fraction of training examples whose spurious feature agrees"),
+        "eval_majority": HParam(0.5, "the same fraction in val and test"),
+        "spurious_scale": HParam(5.0, "scale of the spurious feature (the core one has 1)"),
+        "seed": HParam(1234, "seed of the data; split s uses seed + {train: 0, val: 1, test: 2}"),
+    }
+
+    def load_split(self, split: str) -> SplitArrays:
+        c = self.config
+        if c["dim"] < 2 or c["n"] < 1:
+            raise ValueError("synthetic needs dim >= 2 and n >= 1")
+        n = c["n"]
+        generator = torch.Generator().manual_seed(c["seed"] + _SPLIT_OFFSET[split])
+        y = torch.bernoulli(torch.full((n,), 0.5), generator=generator).long()
+        sign = 2.0 * y - 1.0
+        core = (torch.randn(n, generator=generator) * 0.12 - 1.0) * sign
+        spurious = (torch.randn(n, generator=generator) * 0.12 - 1.0) * sign
+        majority = c["majority"] if split == "train" else c["eval_majority"]
+        flipped = torch.randperm(n, generator=generator)[: round((1.0 - majority) * n)]
+        spurious[flipped] *= -1.0
+        noise = c["noise_std"] * torch.randn(n, c["dim"] - 2, generator=generator)
+        x = torch.cat([core[:, None], c["spurious_scale"] * spurious[:, None], noise], dim=1)
+        a = (spurious < 0).long()  # class 1 sits near -1, class 0 near +1
+        return SplitArrays(x, y, a)
+
+    def build_model(self) -> nn.Module:
+        return linear(self.config["dim"], self.n_classes, bias=False)
+
+    def default_hparams(self) -> dict[str, Any]:
+        # The paper's full-batch gradient descent; lr 3e-2 without noise, 1e-2 with it.
+        lr = 3e-2 if self.config["noise_std"] == 0 else 1e-2
+        return {"lr": lr, "batch_size": 0, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0}
+
+    def search_space(self) -> dict[str, BaseDistribution]:
+        return {
+            "lr": FloatDistribution(1e-3, 1e-1, log=True),
+            "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+            "batch_size": CategoricalDistribution([0, 100, 250]),
+        }

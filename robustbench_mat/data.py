@@ -1,0 +1,218 @@
+"""The group-annotated dataset contract, and the schedule of training batches.
+
+Every example has an input x, a label y and a spurious attribute a. Its training group is
+`g = y * n_attributes + a`. Evaluation groups default to the training groups but a dataset may
+declare others, possibly overlapping (an example can belong to several), as a boolean membership
+matrix: CivilComments evaluates on 16 overlapping (identity, label) groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from optuna.distributions import BaseDistribution, FloatDistribution
+from torch import nn
+
+from robustbench_mat.hparams import HParam, resolve
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class EvalGroups:
+    """Named evaluation groups of one split; `membership[i, k]` says example i is in group k."""
+
+    names: tuple[str, ...]
+    membership: torch.Tensor
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor, names: tuple[str, ...]) -> EvalGroups:
+        membership = torch.zeros(len(ids), len(names), dtype=torch.bool)
+        membership[torch.arange(len(ids)), ids] = True
+        return cls(names, membership)
+
+    def counts(self) -> torch.Tensor:
+        return self.membership.sum(0)
+
+
+class SplitArrays(NamedTuple):
+    """What a dataset plugin loads for one split: inputs (a tensor or a torch Dataset), y and a."""
+
+    inputs: torch.Tensor | torch.utils.data.Dataset
+    y: torch.Tensor
+    a: torch.Tensor
+
+
+@dataclass
+class GroupedSplit:
+    """One split of a dataset, ready for the loop and the evaluator."""
+
+    name: str
+    inputs: torch.Tensor | torch.utils.data.Dataset
+    y: torch.Tensor
+    a: torch.Tensor
+    n_attributes: int
+    eval_groups: EvalGroups
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self.y * self.n_attributes + self.a
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def in_memory(self) -> bool:
+        return isinstance(self.inputs, torch.Tensor)
+
+    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
+        """The inputs of `indices`, stacked into one tensor."""
+        if self.in_memory:
+            return self.inputs[indices]
+        return torch.stack([self.inputs[int(i)] for i in indices])
+
+
+class BenchmarkDataset:
+    """Base class of a dataset plugin: a classification task with train/val/test splits and a
+    spurious attribute per example.
+
+    A plugin sets the class attributes below, implements `load_split` and `build_model`, and may
+    override the training defaults (`default_hparams`, `default_steps`, `search_space`) and the
+    evaluation groups (`eval_groups`).
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    n_classes: ClassVar[int]
+    n_attributes: ClassVar[int]
+    class_names: ClassVar[tuple[str, ...]]
+    attribute_names: ClassVar[tuple[str, ...]]
+    params: ClassVar[dict[str, HParam]] = {}
+    default_steps: ClassVar[int] = 1000
+    default_eval_every: ClassVar[int] = 100
+    default_checkpoint_every: ClassVar[int | None] = None
+    evaluate_train: ClassVar[bool] = False
+
+    def __init__(self, data_dir: str | Path | None = None, **params: Any) -> None:
+        self.data_dir = Path(data_dir) if data_dir is not None else None
+        self.config = resolve(self.params, params, f"dataset {self.name!r}")
+        self._splits: dict[str, GroupedSplit] = {}
+
+    # --- what a plugin implements -------------------------------------------------------------
+    def load_split(self, split: str) -> SplitArrays:
+        raise NotImplementedError
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised network mapping a batch of inputs to `n_classes` logits."""
+        raise NotImplementedError
+
+    def default_hparams(self) -> dict[str, Any]:
+        """Overrides of the loop's defaults (`robustbench_mat.method.TRAINING_HPARAMS`)."""
+        return {}
+
+    def search_space(self) -> dict[str, BaseDistribution]:
+        """Search distributions of the loop's settings (lr, weight decay, batch size)."""
+        return {
+            "lr": FloatDistribution(1e-5, 1e-2, log=True),
+            "weight_decay": FloatDistribution(1e-6, 1e-3, log=True),
+        }
+
+    def eval_groups(self, split: str, y: torch.Tensor, a: torch.Tensor) -> EvalGroups:
+        return EvalGroups.from_ids(y * self.n_attributes + a, tuple(self.group_names()))
+
+    # --- derived ----------------------------------------------------------------------------
+    @property
+    def n_groups(self) -> int:
+        return self.n_classes * self.n_attributes
+
+    def group_name(self, group: int) -> str:
+        y, a = divmod(int(group), self.n_attributes)
+        return f"{self.class_names[y]}/{self.attribute_names[a]}"
+
+    def group_names(self) -> list[str]:
+        return [self.group_name(g) for g in range(self.n_groups)]
+
+    def split(self, name: str) -> GroupedSplit:
+        """The split `name` (train, val or test), loaded once."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        if name not in self._splits:
+            inputs, y, a = self.load_split(name)
+            y, a = y.long(), a.long()
+            self._splits[name] = GroupedSplit(
+                name, inputs, y, a, self.n_attributes, self.eval_groups(name, y, a)
+            )
+        return self._splits[name]
+
+    def fingerprint(self) -> str:
+        """A short hash of the dataset and its parameters, for caches keyed by the data."""
+        return stable_hash({"dataset": self.name, **self.config})
+
+
+def stable_hash(payload: Mapping[str, Any], length: int = 12) -> str:
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def inverse_frequency_weights(labels: torch.Tensor, n_values: int) -> torch.Tensor:
+    """Per-example weights 1/count(label): sampling with them balances the label values."""
+    counts = torch.bincount(labels, minlength=n_values).double()
+    return 1.0 / counts[labels]
+
+
+class BatchSchedule:
+    """Which training examples each step sees, as a pure function of (seed, step).
+
+    Uniform schedules shuffle once per epoch and draw fixed-size batches without replacement;
+    weighted schedules draw with replacement. Because nothing depends on the past, a resumed run
+    sees exactly the batches an uninterrupted one would have seen.
+    """
+
+    _WEIGHTED_CHUNK = 64
+
+    def __init__(
+        self,
+        n_examples: int,
+        batch_size: int,
+        seed: int,
+        subset: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> None:
+        self.pool = subset if subset is not None else torch.arange(n_examples)
+        self.batch_size = batch_size if 0 < batch_size < len(self.pool) else len(self.pool)
+        self.full_batch = weights is None and self.batch_size == len(self.pool)
+        self.seed = seed
+        self.weights = None if weights is None else weights[self.pool].double()
+        self.batches_per_epoch = len(self.pool) // self.batch_size
+        self._cache_key: int | None = None
+        self._cache: torch.Tensor | None = None
+
+    def _generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+
+    def indices(self, step: int) -> torch.Tensor:
+        """Indices (into the split) of the batch of `step` (0-based)."""
+        if self.full_batch:
+            return self.pool
+        if self.weights is not None:
+            chunk, offset = divmod(step, self._WEIGHTED_CHUNK)
+            if self._cache_key != chunk:
+                draws = self._WEIGHTED_CHUNK * self.batch_size
+                self._cache = torch.multinomial(
+                    self.weights, draws, replacement=True, generator=self._generator(chunk)
+                )
+                self._cache_key = chunk
+            positions = self._cache[offset * self.batch_size : (offset + 1) * self.batch_size]
+        else:
+            epoch, offset = divmod(step, self.batches_per_epoch)
+            if self._cache_key != epoch:
+                self._cache = torch.randperm(len(self.pool), generator=self._generator(epoch))
+                self._cache_key = epoch
+            positions = self._cache[offset * self.batch_size : (offset + 1) * self.batch_size]
+        return self.pool[positions]

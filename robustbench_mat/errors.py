@@ -1,0 +1,15 @@
+"""Errors that describe bad input. The CLI prints their message on one line and exits non-zero."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input from the user: the message names the thing that is wrong and how to fix it."""
+
+    exit_code = 2
+
+
+class RunFailed(UserError):
+    """A run that started but could not finish (diverged loss, missing artifact)."""
+
+    exit_code = 1

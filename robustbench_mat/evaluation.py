@@ -1,0 +1,126 @@
+"""Accuracy metrics per split and group, and model selection by a named criterion.
+
+Metric keys of one evaluation are flat, `<split>_<metric>`:
+
+- `avg`: plain accuracy (the XRM and MAT papers' "average accuracy");
+- `avg_train_weighted`: group accuracies weighted by the training group proportions (the DFR
+  and AFR papers' "mean accuracy" on Waterbirds);
+- `wga`: worst-group accuracy over the evaluation groups present in the split;
+- `worst_class`: worst per-class accuracy (needs no group labels);
+- `group_acc.<group>` and `class_acc.<class>`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from robustbench_mat.data import GroupedSplit
+from robustbench_mat.errors import UserError
+
+
+def metric_key(name: str) -> str:
+    """A group or class name as it appears in a metric key (MLflow-safe characters only)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+
+
+@torch.no_grad()
+def predict(
+    predict_fn: Callable[[torch.Tensor], torch.Tensor],
+    split: GroupedSplit,
+    device: torch.device,
+    batch_size: int = 4096,
+    num_workers: int = 0,
+) -> torch.Tensor:
+    """Logits for every example of `split`, in dataset order, on the CPU."""
+    outputs = []
+    if split.in_memory:
+        for start in range(0, len(split), batch_size):
+            x = split.inputs[start : start + batch_size].to(device, non_blocking=True)
+            outputs.append(predict_fn(x).float().cpu())
+    else:
+        loader = torch.utils.data.DataLoader(
+            split.inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers
+        )
+        for x in loader:
+            outputs.append(predict_fn(x.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(outputs)
+
+
+def train_group_weights(train: GroupedSplit) -> torch.Tensor:
+    """Proportion of the training split in each evaluation group."""
+    counts = train.eval_groups.counts().double()
+    return counts / counts.sum()
+
+
+def split_metrics(
+    split: GroupedSplit,
+    logits: torch.Tensor,
+    class_names: Sequence[str],
+    group_weights: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Accuracy metrics of one split from its logits (see the module docstring for the keys)."""
+    correct = (logits.argmax(1) == split.y).double()
+    prefix = split.name
+    metrics = {f"{prefix}_avg": correct.mean().item()}
+
+    membership = split.eval_groups.membership
+    counts = membership.sum(0)
+    group_acc = (membership.double() * correct[:, None]).sum(0) / counts.clamp(min=1)
+    present = counts > 0
+    metrics[f"{prefix}_wga"] = group_acc[present].min().item()
+    if group_weights is not None:
+        weights = group_weights * present
+        metrics[f"{prefix}_avg_train_weighted"] = (
+            (weights * group_acc).sum() / weights.sum()
+        ).item()
+
+    class_acc = {}
+    for c, name in enumerate(class_names):
+        mask = split.y == c
+        if mask.any():
+            class_acc[name] = correct[mask].mean().item()
+    metrics[f"{prefix}_worst_class"] = min(class_acc.values())
+
+    for k, name in enumerate(split.eval_groups.names):
+        if present[k]:
+            metrics[f"{prefix}_group_acc.{metric_key(name)}"] = group_acc[k].item()
+    for name, value in class_acc.items():
+        metrics[f"{prefix}_class_acc.{metric_key(name)}"] = value
+    return metrics
+
+
+def check_criterion(criterion: str) -> None:
+    if not criterion.startswith("val_"):
+        raise UserError(
+            f"selection criterion {criterion!r} must be a validation metric (val_wga, "
+            "val_worst_class, val_avg, ...): selecting on train or test data is not model "
+            "selection"
+        )
+
+
+def select(history: Sequence[dict[str, Any]], criterion: str) -> dict[str, Any]:
+    """The evaluation record with the highest `criterion`; ties go to the later step."""
+    best: dict[str, Any] | None = None
+    for record in history:
+        if criterion not in record:
+            known = sorted(k for k in record if k.startswith("val_"))
+            raise UserError(
+                f"selection criterion {criterion!r} was not measured; measured: {', '.join(known)}"
+            )
+        if is_better(record[criterion], None if best is None else best[criterion]):
+            best = record
+    if best is None:
+        raise ValueError("no evaluation to select from")
+    return best
+
+
+def is_better(value: float, best: float | None) -> bool:
+    """Selection order: higher is better, a tie prefers the later step, NaN never wins."""
+    if math.isnan(value):
+        return best is None
+    return best is None or math.isnan(best) or value >= best

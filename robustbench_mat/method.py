@@ -1,0 +1,132 @@
+"""The method contract: the hooks a method overrides on the shared training loop.
+
+`Method` on its own is ERM. A method plugin subclasses it and overrides only what differs:
+`loss` (GroupDRO, MAT), `train_weights` / `train_subset` (the balancing baselines, JTT),
+`prepare` (a stage before the main training: XRM for MAT, stage 1 of JTT), `after_step` (XRM's
+label flips) and `predict` (LfF evaluates its debiased model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from optuna.distributions import BaseDistribution, CategoricalDistribution
+from torch import nn
+
+from robustbench_mat.data import BenchmarkDataset, GroupedSplit
+from robustbench_mat.hparams import HParam
+
+if TYPE_CHECKING:
+    from robustbench_mat.runner import RunContext
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+TRAINING_HPARAMS: dict[str, HParam] = {
+    "lr": HParam(1e-3, "learning rate"),
+    "weight_decay": HParam(1e-4, "L2 weight decay (decoupled for adamw)"),
+    "batch_size": HParam(
+        64,
+        "examples per step; 0 trains on the whole training split at once (full batch)",
+        search=CategoricalDistribution([32, 64, 128]),
+    ),
+    "optimizer": HParam("sgd", "optimiser", choices=OPTIMIZERS),
+    "momentum": HParam(0.9, "SGD momentum"),
+}
+
+
+@dataclass
+class Batch:
+    """One training step's examples. `a` is None when the regime withholds training groups."""
+
+    indices: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    a: torch.Tensor | None
+    n_attributes: int
+
+    @property
+    def g(self) -> torch.Tensor:
+        if self.a is None:
+            raise RuntimeError("training group labels are not available in this regime")
+        return self.y * self.n_attributes + self.a
+
+
+class Method(nn.Module):
+    """Empirical risk minimisation (ERM): the mean cross-entropy of a single network.
+
+    Base class of every method; subclasses override the hooks that differ from ERM.
+    """
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    needs_train_groups: ClassVar[bool] = False
+    hparams: ClassVar[dict[str, HParam]] = {}
+
+    def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.hp = hparams
+        self.model = dataset.build_model()
+
+    # --- declarations ------------------------------------------------------------------------
+    @classmethod
+    def hparam_specs(cls, dataset: BenchmarkDataset) -> dict[str, HParam]:
+        """Every setting of this method on `dataset`: the loop's, with the dataset's defaults and
+        search space, then the method's own."""
+        specs = dict(TRAINING_HPARAMS)
+        for name, default in dataset.default_hparams().items():
+            specs[name] = specs[name].with_default(default)
+        for name, distribution in dataset.search_space().items():
+            specs[name] = HParam(
+                specs[name].default, specs[name].help, distribution, specs[name].choices
+            )
+        specs.update(cls.hparams)
+        return specs
+
+    @classmethod
+    def search_space(cls, dataset: BenchmarkDataset) -> dict[str, BaseDistribution]:
+        """The Optuna distributions this method is tuned over on `dataset`."""
+        return {
+            name: spec.search
+            for name, spec in cls.hparam_specs(dataset).items()
+            if spec.search is not None
+        }
+
+    # --- hooks -------------------------------------------------------------------------------
+    def prepare(self, context: RunContext) -> None:
+        """Work before the main training (e.g. a first model). Runs again on resume."""
+
+    def train_weights(self, train: GroupedSplit) -> torch.Tensor | None:
+        """Per-example sampling weights (drawn with replacement), or None for uniform."""
+        return None
+
+    def train_subset(self, train: GroupedSplit) -> torch.Tensor | None:
+        """Indices of the training examples to train on, or None for all of them."""
+        return None
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.model(batch.x), batch.y)
+
+    def after_step(self, batch: Batch, step: int) -> None:
+        """Called after each optimiser step."""
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits used for evaluation."""
+        return self.model(x)
+
+    def logged_state(self) -> dict[str, float]:
+        """Scalars logged at each evaluation (e.g. GroupDRO's group weights)."""
+        return {}
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        hp = self.hp
+        params = [p for p in self.parameters() if p.requires_grad]
+        if hp["optimizer"] == "sgd":
+            return torch.optim.SGD(
+                params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
+            )
+        optimizer = torch.optim.Adam if hp["optimizer"] == "adam" else torch.optim.AdamW
+        return optimizer(params, lr=hp["lr"], weight_decay=hp["weight_decay"])

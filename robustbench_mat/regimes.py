@@ -1,0 +1,73 @@
+"""The three annotation regimes of the MAT paper: which group labels a method may see.
+
+| regime     | training groups | validation groups | default selection criterion  |
+|------------|-----------------|-------------------|------------------------------|
+| `full`     | yes             | yes               | `val_wga` (true groups)      |
+| `val-only` | no              | yes               | `val_wga` (true groups)      |
+| `none`     | no              | no                | `val_worst_class`            |
+
+Test metrics are always computed on the true groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from robustbench_mat.errors import UserError
+from robustbench_mat.evaluation import check_criterion
+
+
+@dataclass(frozen=True)
+class Regime:
+    """An annotation regime: the group labels available for training and for model selection."""
+
+    name: str
+    train_groups: bool
+    val_groups: bool
+    default_criterion: str
+    description: str
+
+
+REGIMES: dict[str, Regime] = {
+    r.name: r
+    for r in (
+        Regime("full", True, True, "val_wga", "group labels in train and val"),
+        Regime("val-only", False, True, "val_wga", "group labels in val only"),
+        Regime("none", False, False, "val_worst_class", "no group labels"),
+    )
+}
+
+# Criteria that read true validation group labels; every other val_* metric needs none.
+_GROUP_CRITERIA_PREFIXES = ("val_wga", "val_group_acc.", "val_avg_train_weighted")
+
+
+def get_regime(name: str) -> Regime:
+    if name not in REGIMES:
+        raise UserError(f"unknown regime {name!r}; known: {', '.join(REGIMES)}")
+    return REGIMES[name]
+
+
+def default_regime(needs_train_groups: bool) -> Regime:
+    """`full` for methods that need training groups, else `val-only` (the paper's ERM row)."""
+    return REGIMES["full" if needs_train_groups else "val-only"]
+
+
+def allowed_regimes(needs_train_groups: bool) -> list[str]:
+    return [r.name for r in REGIMES.values() if r.train_groups or not needs_train_groups]
+
+
+def check_allowed(method_name: str, needs_train_groups: bool, regime: Regime) -> None:
+    if needs_train_groups and not regime.train_groups:
+        raise UserError(
+            f"method {method_name!r} needs training group labels, which regime {regime.name!r} "
+            f"withholds; it can run in: {', '.join(allowed_regimes(True))}"
+        )
+
+
+def check_criterion_allowed(criterion: str, regime: Regime) -> None:
+    check_criterion(criterion)
+    if not regime.val_groups and criterion.startswith(_GROUP_CRITERIA_PREFIXES):
+        raise UserError(
+            f"selection criterion {criterion!r} reads validation group labels, which regime "
+            f"{regime.name!r} withholds; use val_worst_class or val_avg"
+        )

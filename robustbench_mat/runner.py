@@ -1,0 +1,317 @@
+"""One training run from end to end: resolve the plugins, train, select, record.
+
+Data flows one way: dataset -> loop (method hooks) -> evaluator -> selection -> tracker. A run
+is identified by a key hashed from everything that determines its numbers; its directory under
+`<workdir>/runs/` holds the checkpoint (for resume) and, once finished, `result.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from robustbench_mat.data import BenchmarkDataset, stable_hash
+from robustbench_mat.errors import UserError
+from robustbench_mat.hparams import resolve
+from robustbench_mat.method import Method
+from robustbench_mat.regimes import (
+    Regime,
+    check_allowed,
+    check_criterion_allowed,
+    default_regime,
+    get_regime,
+)
+from robustbench_mat.registry import DATASETS, METHODS
+from robustbench_mat.tracking import TAGS, Tracker, resolve_workdir
+from robustbench_mat.training import (
+    CheckpointStore,
+    LoopSettings,
+    resolve_device,
+    seed_everything,
+    train,
+)
+
+
+def package_version() -> str:
+    try:
+        return version("robustbench-mat")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class RunSpec:
+    """Everything a user chooses about one run; unset fields take the dataset's defaults."""
+
+    method: str
+    dataset: str
+    seed: int = 0
+    regime: str | None = None
+    criterion: str | None = None
+    steps: int | None = None
+    eval_every: int | None = None
+    checkpoint_every: int | None = None
+    device: str = "auto"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    data_params: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | Path | None = None
+    workdir: str | Path | None = None
+    kind: str = "run"
+    tags: dict[str, str] = field(default_factory=dict)
+    show_progress: bool = True
+    restart: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class RunPlan:
+    """A `RunSpec` resolved against the plugins: validated, with every default filled in."""
+
+    spec: RunSpec
+    method_cls: type[Method]
+    dataset: BenchmarkDataset
+    regime: Regime
+    criterion: str
+    hparams: dict[str, Any]
+    steps: int
+    eval_every: int
+    checkpoint_every: int
+    device: torch.device
+    workdir: Path
+
+    @property
+    def method_name(self) -> str:
+        return self.method_cls.name
+
+    @property
+    def key(self) -> str:
+        return stable_hash(
+            {
+                "method": self.method_name,
+                "dataset": self.dataset.name,
+                "data": self.dataset.config,
+                "hparams": self.hparams,
+                "seed": self.spec.seed,
+                "regime": self.regime.name,
+                "criterion": self.criterion,
+                "steps": self.steps,
+                "eval_every": self.eval_every,
+                "device": self.device.type,
+            }
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        name = f"{self.dataset.name}-{self.method_name}-{self.regime.name}-s{self.spec.seed}"
+        return self.workdir / "runs" / f"{name}-{self.key}"
+
+    @property
+    def run_name(self) -> str:
+        return f"{self.method_name} {self.regime.name} seed {self.spec.seed}"
+
+    def params(self) -> dict[str, Any]:
+        return {
+            **self.hparams,
+            "method": self.method_name,
+            "dataset": self.dataset.name,
+            "regime": self.regime.name,
+            "seed": self.spec.seed,
+            "criterion": self.criterion,
+            "steps": self.steps,
+            "eval_every": self.eval_every,
+            "device": self.device.type,
+            "package_version": package_version(),
+            "torch_version": torch.__version__,
+            **{f"data.{k}": v for k, v in self.dataset.config.items()},
+        }
+
+    def tags(self) -> dict[str, Any]:
+        return {
+            TAGS.METHOD: self.method_name,
+            TAGS.DATASET: self.dataset.name,
+            TAGS.REGIME: self.regime.name,
+            TAGS.SEED: self.spec.seed,
+            TAGS.CRITERION: self.criterion,
+            TAGS.KIND: self.spec.kind,
+            TAGS.RUN_KEY: self.key,
+            **self.spec.tags,
+        }
+
+
+@dataclass
+class RunContext:
+    """What a method's `prepare` hook may use: the plan, the tracker and the run's directory."""
+
+    plan: RunPlan
+    tracker: Tracker
+    run_id: str
+
+    @property
+    def run_dir(self) -> Path:
+        return self.plan.run_dir
+
+
+@dataclass
+class RunResult:
+    """The outcome of a finished run, as stored in `result.json`."""
+
+    run_id: str
+    run_key: str
+    method: str
+    dataset: str
+    regime: str
+    seed: int
+    criterion: str
+    selected_step: int
+    selected: dict[str, Any]
+    final: dict[str, Any]
+    hparams: dict[str, Any]
+    tracking_uri: str
+    reused: bool = False
+
+
+def plan(spec: RunSpec) -> RunPlan:
+    """Validate `spec` and fill in the defaults; raises `UserError` on any bad input."""
+    method_cls = METHODS.get(spec.method)
+    dataset_cls = DATASETS.get(spec.dataset)
+    dataset = dataset_cls(spec.data_dir, **spec.data_params)
+    regime = (
+        get_regime(spec.regime) if spec.regime else default_regime(method_cls.needs_train_groups)
+    )
+    check_allowed(method_cls.name, method_cls.needs_train_groups, regime)
+    criterion = spec.criterion or regime.default_criterion
+    check_criterion_allowed(criterion, regime)
+    hparams = resolve(method_cls.hparam_specs(dataset), spec.hparams, f"method {method_cls.name!r}")
+    steps = spec.steps if spec.steps is not None else dataset.default_steps
+    eval_every = min(spec.eval_every or dataset.default_eval_every, steps)
+    checkpoint_every = spec.checkpoint_every or dataset.default_checkpoint_every or eval_every
+    for flag, value in (
+        ("--steps", steps),
+        ("--eval-every", eval_every),
+        ("--checkpoint-every", checkpoint_every),
+    ):
+        if value < 1:
+            raise UserError(f"{flag} must be a positive number of steps, got {value}")
+    return RunPlan(
+        spec,
+        method_cls,
+        dataset,
+        regime,
+        criterion,
+        hparams,
+        steps,
+        eval_every,
+        checkpoint_every,
+        resolve_device(spec.device),
+        resolve_workdir(spec.workdir),
+    )
+
+
+def run(spec: RunSpec) -> RunResult:
+    """Train, select and record one run; a finished identical run is reused, an interrupted one
+    resumed from its last checkpoint."""
+    the_plan = plan(spec)
+    run_dir = the_plan.run_dir
+    result_file = run_dir / "result.json"
+    if spec.restart and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if result_file.exists():
+        stored = json.loads(result_file.read_text())
+        return RunResult(**{**stored, "reused": True})
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(the_plan.workdir)
+    id_file = run_dir / "mlflow_run_id"
+    previous = id_file.read_text().strip() if id_file.exists() else None
+    run_id = tracker.start(
+        the_plan.dataset.name,
+        the_plan.run_name,
+        the_plan.tags(),
+        the_plan.params(),
+        run_id=previous,
+    )
+    _write_atomic(id_file, run_id)
+    try:
+        result = _train_and_record(the_plan, tracker, run_id)
+    except KeyboardInterrupt:
+        tracker.flush()
+        tracker.end(run_id, "killed")
+        raise
+    except BaseException:
+        tracker.flush()
+        tracker.end(run_id, "failed")
+        raise
+    _write_atomic(result_file, json.dumps(asdict(result), indent=2))
+    tracker.end(run_id, "finished")
+    return result
+
+
+def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunResult:
+    spec = the_plan.spec
+    seed_everything(spec.seed)
+    method = the_plan.method_cls(the_plan.dataset, the_plan.hparams)
+    method.prepare(RunContext(the_plan, tracker, run_id))
+    settings = LoopSettings(
+        steps=the_plan.steps,
+        eval_every=the_plan.eval_every,
+        checkpoint_every=the_plan.checkpoint_every,
+        seed=spec.seed,
+        device=the_plan.device,
+        criterion=the_plan.criterion,
+        train_groups_visible=the_plan.regime.train_groups,
+        evaluate_train=the_plan.dataset.evaluate_train,
+        show_progress=spec.show_progress,
+        description=f"{the_plan.method_name} on {the_plan.dataset.name} (seed {spec.seed})",
+        num_workers=spec.num_workers,
+    )
+    run_dir = the_plan.run_dir
+    outcome = train(
+        method,
+        the_plan.dataset,
+        settings,
+        CheckpointStore(run_dir / "checkpoint.pt"),
+        on_eval=lambda record: tracker.buffer_history(run_id, record),
+        on_checkpoint=tracker.flush,
+    )
+    tracker.flush()
+
+    selected, final = outcome.selected, outcome.history[-1]
+    tracker.log_metrics(
+        run_id, {**selected, "selected_step": selected["step"]}, step=the_plan.steps
+    )
+    torch.save(outcome.selected_state, run_dir / "selected_model.pt")
+    torch.save(method.state_dict(), run_dir / "final_model.pt")
+    pd.DataFrame(outcome.history).to_csv(run_dir / "history.csv", index=False)
+    for name in ("selected_model.pt", "final_model.pt", "history.csv"):
+        tracker.log_artifact(
+            run_id, run_dir / name, "checkpoints" if name.endswith(".pt") else None
+        )
+    tracker.set_tags(run_id, {"robustbench.selected_step": selected["step"]})
+    return RunResult(
+        run_id=run_id,
+        run_key=the_plan.key,
+        method=the_plan.method_name,
+        dataset=the_plan.dataset.name,
+        regime=the_plan.regime.name,
+        seed=spec.seed,
+        criterion=the_plan.criterion,
+        selected_step=selected["step"],
+        selected=selected,
+        final=final,
+        hparams=the_plan.hparams,
+        tracking_uri=tracker.uri,
+    )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,161 @@
+"""MLflow tracking: one experiment per dataset, one MLflow run per training run.
+
+The tracking store defaults to `sqlite:///<workdir>/mlflow.db` with artifacts under
+`<workdir>/artifacts`; `MLFLOW_TRACKING_URI` overrides the store. Every run carries the tags in
+`TAGS` so that the leaderboard and the UI can query it. Per-evaluation metrics are logged under
+`history/<key>` with their step; the selected step's metrics are logged under their plain keys
+(`test_wga`, `val_wga`, ...). A run is FINISHED only once its results are complete: an
+interrupted run stays RUNNING (or KILLED / FAILED) with `robustbench.state` telling why.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+ENV_WORKDIR = "ROBUSTBENCH_MAT_WORKDIR"
+DEFAULT_WORKDIR = "robustbench-runs"
+HISTORY_PREFIX = "history/"
+
+
+class TAGS:
+    """Names of the tags every run carries."""
+
+    METHOD = "robustbench.method"
+    DATASET = "robustbench.dataset"
+    REGIME = "robustbench.regime"
+    SEED = "robustbench.seed"
+    CRITERION = "robustbench.criterion"
+    KIND = "robustbench.kind"  # run | trial | final | leaderboard
+    STATE = "robustbench.state"  # running | finished | failed | killed
+    RUN_KEY = "robustbench.run_key"
+
+
+def resolve_workdir(workdir: str | Path | None = None) -> Path:
+    """`workdir`, else $ROBUSTBENCH_MAT_WORKDIR, else ./robustbench-runs (made absolute)."""
+    chosen = workdir or os.environ.get(ENV_WORKDIR) or DEFAULT_WORKDIR
+    return Path(chosen).expanduser().resolve()
+
+
+def tracking_uri(workdir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def _quiet_mlflow_logs() -> None:
+    for name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """A thin wrapper of `MlflowClient` bound to one work directory."""
+
+    def __init__(self, workdir: Path) -> None:
+        from mlflow import MlflowClient
+
+        _quiet_mlflow_logs()
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.uri = tracking_uri(workdir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self._pending: list[tuple[str, dict[str, Any]]] = []
+
+    def experiment_id(self, name: str) -> str:
+        """The id of experiment `name`, created on first use."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
+            location = (self.workdir / "artifacts" / name).as_uri()
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException:  # created meanwhile by another process
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def start(
+        self,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any],
+        run_id: str | None = None,
+    ) -> str:
+        """Start a run, or mark the existing `run_id` running again (resume)."""
+        from mlflow.entities import Param
+
+        if run_id is not None and self._exists(run_id):
+            self.client.update_run(run_id, status="RUNNING")
+            self.set_tags(run_id, {TAGS.STATE: "running"})
+            return run_id
+        run = self.client.create_run(
+            self.experiment_id(experiment),
+            run_name=run_name,
+            tags={**{k: str(v) for k, v in tags.items()}, TAGS.STATE: "running"},
+        )
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[start : start + 100])
+        return run.info.run_id
+
+    def _exists(self, run_id: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_run(run_id)
+        except MlflowException:
+            return False
+        return True
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], step: int = 0, prefix: str = ""
+    ) -> None:
+        self.log_many(run_id, [(step, metrics)], prefix)
+
+    def log_many(
+        self, run_id: str, records: Iterable[tuple[int, Mapping[str, Any]]], prefix: str = ""
+    ) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(prefix + key, float(value), now, int(step))
+            for step, record in records
+            for key, value in record.items()
+            if isinstance(value, (int, float)) and key != "step"
+        ]
+        for start in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+    def buffer_history(self, run_id: str, record: dict[str, Any]) -> None:
+        """Hold one evaluation record until `flush` (called at each checkpoint)."""
+        self._pending.append((run_id, record))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        by_run: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+        for run_id, record in pending:
+            by_run.setdefault(run_id, []).append((record["step"], record))
+        for run_id, records in by_run.items():
+            self.log_many(run_id, records, HISTORY_PREFIX)
+
+    def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end(self, run_id: str, state: str) -> None:
+        """End the run: state finished -> FINISHED, failed -> FAILED, killed -> KILLED."""
+        self.set_tags(run_id, {TAGS.STATE: state})
+        status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[state]
+        self.client.set_terminated(run_id, status=status)

@@ -1,0 +1,278 @@
+"""THE training loop shared by every method.
+
+Step based; the method's hooks decide the loss, the sampling and what happens around a step.
+Evaluates every `eval_every` steps, checkpoints every `checkpoint_every` steps and resumes from
+the last checkpoint; uses CUDA with bf16 autocast when present and the CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from robustbench_mat.data import BatchSchedule, BenchmarkDataset, GroupedSplit
+from robustbench_mat.errors import RunFailed, UserError
+from robustbench_mat.evaluation import is_better, predict, split_metrics, train_group_weights
+from robustbench_mat.method import Batch, Method
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else the CPU; `cuda` without CUDA is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {name}: CUDA is not available on this machine (torch "
+            f"{torch.__version__}); use --device cpu or auto"
+        )
+    if name != "cpu" and not name.startswith("cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda[:N], got {name!r}")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointStore:
+    """The resumable state of one training loop, written atomically to one file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=False)
+
+    def save(self, state: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+
+
+@dataclass
+class LoopSettings:
+    """How long to train and how often to evaluate and checkpoint."""
+
+    steps: int
+    eval_every: int
+    seed: int
+    device: torch.device
+    criterion: str
+    train_groups_visible: bool
+    checkpoint_every: int | None = None
+    evaluate_train: bool = False
+    show_progress: bool = True
+    description: str = "training"
+    num_workers: int = 0
+
+
+@dataclass
+class LoopResult:
+    """Every evaluation, the selected one, and the model state at the selected step."""
+
+    history: list[dict[str, Any]]
+    selected: dict[str, Any]
+    selected_state: dict[str, torch.Tensor]
+    resumed_from: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()
+    }
+
+
+class _Stream:
+    """Training inputs per step, on the device: whole tensors, indexed tensors or a DataLoader."""
+
+    def __init__(
+        self, train: GroupedSplit, schedule: BatchSchedule, device: torch.device, num_workers: int
+    ) -> None:
+        self.train, self.schedule, self.device = train, schedule, device
+        self.num_workers = num_workers
+        self.y = train.y.to(device)
+        self.a = train.a.to(device)
+        self.x = train.inputs.to(device) if train.in_memory else None
+
+    def batches(self, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        if self.x is not None:
+            for step in range(start, stop):
+                if self.schedule.full_batch:
+                    yield self.schedule.pool, self.x
+                else:
+                    idx = self.schedule.indices(step).to(self.device)
+                    yield idx, self.x[idx]
+            return
+        batch_indices = [self.schedule.indices(step) for step in range(start, stop)]
+        loader = torch.utils.data.DataLoader(
+            self.train.inputs,
+            batch_sampler=batch_indices,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for idx, x in zip(batch_indices, loader, strict=True):
+            yield idx.to(self.device), x.to(self.device, non_blocking=True)
+
+
+def train(
+    method: Method,
+    dataset: BenchmarkDataset,
+    settings: LoopSettings,
+    checkpoints: CheckpointStore | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+    on_checkpoint: Callable[[], None] | None = None,
+) -> LoopResult:
+    """Train `method` on `dataset` for `settings.steps` steps, resuming from `checkpoints`."""
+    device = settings.device
+    method.to(device)
+    optimizer = method.configure_optimizer()
+    train_split = dataset.split("train")
+    eval_splits = [dataset.split(s) for s in ("val", "test")]
+    if settings.evaluate_train:
+        eval_splits.insert(0, train_split)
+    weights = train_group_weights(train_split)
+    schedule = BatchSchedule(
+        len(train_split),
+        int(method.hp["batch_size"]),
+        settings.seed,
+        subset=method.train_subset(train_split),
+        weights=method.train_weights(train_split),
+    )
+    stream = _Stream(train_split, schedule, device, settings.num_workers)
+
+    start, history, best, best_state = 0, [], None, None
+    state = checkpoints.load() if checkpoints else None
+    if state is not None:
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        _set_rng_state(state["rng"])
+        start, history = state["step"], state["history"]
+        best, best_state = state["best"], state["best_state"]
+
+    def evaluate(step: int, mean_loss: float | None) -> dict[str, Any]:
+        method.eval()
+        record: dict[str, Any] = {"step": step}
+        if mean_loss is not None:
+            record["train_loss"] = mean_loss
+        with _autocast(device):
+            for split in eval_splits:
+                logits = predict(method.predict, split, device, num_workers=settings.num_workers)
+                record.update(split_metrics(split, logits, dataset.class_names, weights))
+        record.update(method.logged_state())
+        method.train()
+        return record
+
+    def checkpoint(step: int) -> None:
+        if on_checkpoint is not None:
+            on_checkpoint()
+        if checkpoints is not None:
+            checkpoints.save(
+                {
+                    "step": step,
+                    "method": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(),
+                    "history": history,
+                    "best": best,
+                    "best_state": best_state,
+                }
+            )
+
+    checkpoint_every = settings.checkpoint_every or settings.eval_every
+    show_groups = settings.train_groups_visible
+    bar = tqdm(
+        total=settings.steps,
+        initial=start,
+        desc=settings.description,
+        disable=not settings.show_progress,
+        dynamic_ncols=True,
+        leave=True,
+    )
+    method.train()
+    loss_sum, loss_count = 0.0, 0
+    try:
+        for step, (idx, x) in enumerate(stream.batches(start, settings.steps), start=start + 1):
+            y = stream.y if schedule.full_batch else stream.y[idx]
+            a = None
+            if show_groups:
+                a = stream.a if schedule.full_batch else stream.a[idx]
+            batch = Batch(idx, x, y, a, dataset.n_attributes)
+            with _autocast(device):
+                loss = method.loss(batch)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise RunFailed(
+                    f"the loss became {value} at step {step} ({settings.description}); lower the "
+                    f"learning rate (lr={method.hp['lr']}) or check the inputs"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            method.after_step(batch, step)
+            loss_sum, loss_count = loss_sum + value, loss_count + 1
+            bar.update(1)
+
+            if step % settings.eval_every == 0 or step == settings.steps:
+                record = evaluate(step, loss_sum / loss_count)
+                loss_sum, loss_count = 0.0, 0
+                history.append(record)
+                if is_better(
+                    record[settings.criterion], None if best is None else best[settings.criterion]
+                ):
+                    best, best_state = record, _cpu_copy(method.state_dict())
+                if on_eval is not None:
+                    on_eval(record)
+                bar.set_postfix(
+                    loss=f"{record['train_loss']:.4f}",
+                    val_wga=f"{record['val_wga']:.3f}",
+                    refresh=False,
+                )
+            if step % checkpoint_every == 0 or step == settings.steps:
+                checkpoint(step)
+    finally:
+        bar.close()
+
+    if best is None:  # resumed after the last step: nothing left to evaluate
+        raise RunFailed(f"{settings.description}: no evaluation was recorded")
+    return LoopResult(history, best, best_state, resumed_from=start)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
