@@ -10,6 +10,7 @@ from torch import nn
 
 from robustbench_mat.backbones import linear
 from robustbench_mat.data import BenchmarkDataset, SplitArrays
+from robustbench_mat.errors import UserError
 from robustbench_mat.hparams import HParam
 from robustbench_mat.registry import register_dataset
 
@@ -50,7 +51,7 @@ class Synthetic(BenchmarkDataset):
     def load_split(self, split: str) -> SplitArrays:
         c = self.config
         if c["dim"] < 2 or c["n"] < 1:
-            raise ValueError("synthetic needs dim >= 2 and n >= 1")
+            raise UserError(f"dataset synthetic needs dim >= 2 and n >= 1, got {c}")
         n = c["n"]
         generator = torch.Generator().manual_seed(c["seed"] + _SPLIT_OFFSET[split])
         y = torch.bernoulli(torch.full((n,), 0.5), generator=generator).long()

@@ -120,27 +120,18 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def result_table(selected: dict, final: dict) -> str:
-    """Average and worst-group accuracy per split at the selected and at the last step."""
+    """Average and worst-group accuracy per split at the selected step (and the last, if later)."""
+    steps = [selected] if selected["step"] == final["step"] else [selected, final]
+    headers = ["split"]
+    for record in steps:
+        headers += [f"avg @{record['step']}", f"worst-group @{record['step']}"]
     rows = []
     for split in ("train", "val", "test"):
-        if f"{split}_avg" not in selected:
-            continue
-        rows.append(
-            (
-                split,
-                selected[f"{split}_avg"],
-                selected[f"{split}_wga"],
-                final[f"{split}_avg"],
-                final[f"{split}_wga"],
-            )
-        )
-    headers = (
-        "split",
-        f"avg @{selected['step']}",
-        f"worst-group @{selected['step']}",
-        f"avg @{final['step']}",
-        f"worst-group @{final['step']}",
-    )
+        if f"{split}_avg" in selected:
+            row = [split]
+            for record in steps:
+                row += [record[f"{split}_avg"], record[f"{split}_wga"]]
+            rows.append(row)
     return tabulate(rows, headers=headers, floatfmt=".3f")
 
 
@@ -158,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"robustbench-mat: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # output piped into a command that stopped reading (e.g. head)
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("robustbench-mat: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
