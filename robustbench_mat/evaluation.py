@@ -7,7 +7,9 @@ Metric keys of one evaluation are flat, `<split>_<metric>`:
   and AFR papers' "mean accuracy" on Waterbirds);
 - `wga`: worst-group accuracy over the evaluation groups present in the split;
 - `worst_class`: worst per-class accuracy (needs no group labels);
-- `group_acc.<group>` and `class_acc.<class>`.
+- `group_acc.<group>` and `class_acc.<class>`;
+- `inferred_wga` and `inferred_group_acc.<group>`: the same on groups inferred without group
+  labels (e.g. by XRM), which model selection may use where true groups are withheld.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import torch
 
-from robustbench_mat.data import GroupedSplit
+from robustbench_mat.data import EvalGroups, GroupedSplit
 from robustbench_mat.errors import UserError
 
 
@@ -68,10 +70,7 @@ def split_metrics(
     prefix = split.name
     metrics = {f"{prefix}_avg": correct.mean().item()}
 
-    membership = split.eval_groups.membership
-    counts = membership.sum(0)
-    group_acc = (membership.double() * correct[:, None]).sum(0) / counts.clamp(min=1)
-    present = counts > 0
+    group_acc, present = _group_accuracy(correct, split.eval_groups.membership)
     metrics[f"{prefix}_wga"] = group_acc[present].min().item()
     if group_weights is not None:
         weights = group_weights * present
@@ -92,6 +91,27 @@ def split_metrics(
     for name, value in class_acc.items():
         metrics[f"{prefix}_class_acc.{metric_key(name)}"] = value
     return metrics
+
+
+def inferred_group_metrics(
+    split_name: str, logits: torch.Tensor, y: torch.Tensor, groups: EvalGroups
+) -> dict[str, float]:
+    """Worst-group and per-group accuracy on inferred groups (`<split>_inferred_*`)."""
+    correct = (logits.argmax(1) == y).double()
+    group_acc, present = _group_accuracy(correct, groups.membership)
+    metrics = {f"{split_name}_inferred_wga": group_acc[present].min().item()}
+    for k, name in enumerate(groups.names):
+        if present[k]:
+            metrics[f"{split_name}_inferred_group_acc.{metric_key(name)}"] = group_acc[k].item()
+    return metrics
+
+
+def _group_accuracy(
+    correct: torch.Tensor, membership: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = membership.sum(0)
+    group_acc = (membership.double() * correct[:, None]).sum(0) / counts.clamp(min=1)
+    return group_acc, counts > 0
 
 
 def check_criterion(criterion: str) -> None:

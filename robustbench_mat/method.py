@@ -2,8 +2,10 @@
 
 `Method` on its own is ERM. A method plugin subclasses it and overrides only what differs:
 `loss` (GroupDRO, MAT), `train_weights` / `train_subset` (the balancing baselines, JTT),
-`prepare` (a stage before the main training: XRM for MAT, stage 1 of JTT), `after_step` (XRM's
-label flips) and `predict` (LfF evaluates its debiased model).
+`prepare` (a stage before the main training, e.g. stage 1 of JTT), `after_step` (XRM's label
+flips), `predict` (LfF evaluates its debiased model) and `finish` (artifacts written after
+training, e.g. XRM's inferred groups). A method that consumes inferred groups names the
+group-inference method in `group_inference`; the runner provides its artifact to `prepare`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from robustbench_mat.hparams import HParam
 
 if TYPE_CHECKING:
     from robustbench_mat.runner import RunContext
+    from robustbench_mat.training import LoopResult
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -63,13 +66,14 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_train_groups: ClassVar[bool] = False
+    group_inference: ClassVar[str | None] = None
     hparams: ClassVar[dict[str, HParam]] = {}
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__()
         self.dataset = dataset
         self.hp = hparams
-        self.model = dataset.build_model()
+        self.model = self.build_model()
 
     # --- declarations ------------------------------------------------------------------------
     @classmethod
@@ -96,8 +100,17 @@ class Method(nn.Module):
         }
 
     # --- hooks -------------------------------------------------------------------------------
+    def build_model(self) -> nn.Module:
+        """The trained network(s); `predict` and `loss` use them."""
+        return self.dataset.build_model()
+
     def prepare(self, context: RunContext) -> None:
-        """Work before the main training (e.g. a first model). Runs again on resume."""
+        """Work before the main training (e.g. a first model). Runs again on resume.
+
+        `context.inferred` holds the inferred groups when `group_inference` is set."""
+
+    def finish(self, context: RunContext, outcome: LoopResult) -> None:
+        """Called once after training, with the model in its final state."""
 
     def train_weights(self, train: GroupedSplit) -> torch.Tensor | None:
         """Per-example sampling weights (drawn with replacement), or None for uniform."""

@@ -19,7 +19,8 @@ import pandas as pd
 import torch
 
 from robustbench_mat.data import BenchmarkDataset, stable_hash
-from robustbench_mat.errors import UserError
+from robustbench_mat.errors import RunFailed, UserError
+from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
 from robustbench_mat.hparams import resolve
 from robustbench_mat.method import Method
 from robustbench_mat.regimes import (
@@ -38,6 +39,8 @@ from robustbench_mat.training import (
     seed_everything,
     train,
 )
+
+DEFAULT_INFERRER = "xrm-infer"
 
 
 def package_version() -> str:
@@ -69,6 +72,7 @@ class RunSpec:
     show_progress: bool = True
     restart: bool = False
     num_workers: int = 0
+    inference_hparams: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +94,13 @@ class RunPlan:
     @property
     def method_name(self) -> str:
         return self.method_cls.name
+
+    @property
+    def inferrer(self) -> str | None:
+        """The group-inference method this run needs, if any."""
+        if self.method_cls.group_inference is not None:
+            return self.method_cls.group_inference
+        return DEFAULT_INFERRER if self.criterion.startswith("val_inferred") else None
 
     @property
     def key(self) -> str:
@@ -131,6 +142,7 @@ class RunPlan:
             "package_version": package_version(),
             "torch_version": torch.__version__,
             **{f"data.{k}": v for k, v in self.dataset.config.items()},
+            **{f"inference.{k}": v for k, v in self.spec.inference_hparams.items()},
         }
 
     def tags(self) -> dict[str, Any]:
@@ -148,11 +160,13 @@ class RunPlan:
 
 @dataclass
 class RunContext:
-    """What a method's `prepare` hook may use: the plan, the tracker and the run's directory."""
+    """What a method's hooks may use: the plan, the tracker, the run's directory and, for
+    methods that consume them, the inferred groups."""
 
     plan: RunPlan
     tracker: Tracker
     run_id: str
+    inferred: InferredGroups | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -188,6 +202,8 @@ def plan(spec: RunSpec) -> RunPlan:
     )
     check_allowed(method_cls.name, method_cls.needs_train_groups, regime)
     criterion = spec.criterion or regime.default_criterion
+    if spec.criterion is None and not regime.val_groups and method_cls.group_inference:
+        criterion = "val_inferred_wga"
     check_criterion_allowed(criterion, regime)
     hparams = resolve(method_cls.hparam_specs(dataset), spec.hparams, f"method {method_cls.name!r}")
     steps = spec.steps if spec.steps is not None else dataset.default_steps
@@ -200,7 +216,7 @@ def plan(spec: RunSpec) -> RunPlan:
     ):
         if value < 1:
             raise UserError(f"{flag} must be a positive number of steps, got {value}")
-    return RunPlan(
+    the_plan = RunPlan(
         spec,
         method_cls,
         dataset,
@@ -213,6 +229,14 @@ def plan(spec: RunSpec) -> RunPlan:
         resolve_device(spec.device),
         resolve_workdir(spec.workdir),
     )
+    if the_plan.inferrer is not None:
+        plan(inference_spec(the_plan))  # bad inference settings fail before anything starts
+    elif spec.inference_hparams:
+        raise UserError(
+            f"--infer-set applies to methods that infer groups first (mat, xrm) or to the "
+            f"val_inferred_* criteria; {method_cls.name!r} with {criterion!r} infers none"
+        )
+    return the_plan
 
 
 def run(spec: RunSpec) -> RunResult:
@@ -254,11 +278,60 @@ def run(spec: RunSpec) -> RunResult:
     return result
 
 
+def obtain_inferred_groups(the_plan: RunPlan) -> tuple[InferredGroups, RunResult]:
+    """The inferred groups `the_plan` needs: from an identical finished inference run, else from
+    a new one (on the same dataset, dataset parameters, seed, device and work directory)."""
+    spec = the_plan.spec
+    inference = inference_spec(the_plan)
+    inference_plan = plan(inference)
+    artifact = inference_plan.run_dir / ARTIFACT_NAME
+    if not (inference_plan.run_dir / "result.json").exists() and spec.show_progress:
+        print(
+            f"{the_plan.method_name} needs groups inferred by {the_plan.inferrer}: "
+            f"running {the_plan.inferrer} on {the_plan.dataset.name} (seed {spec.seed}) first",
+            flush=True,
+        )
+    result = run(inference)
+    if not artifact.exists():
+        raise RunFailed(f"{the_plan.inferrer} finished without writing {artifact}")
+    return InferredGroups.load(artifact), result
+
+
+def inference_spec(the_plan: RunPlan) -> RunSpec:
+    """The group-inference run that `the_plan` consumes."""
+    spec = the_plan.spec
+    return RunSpec(
+        method=the_plan.inferrer,
+        dataset=the_plan.dataset.name,
+        seed=spec.seed,
+        regime="none",
+        device=spec.device,
+        hparams=dict(spec.inference_hparams),
+        data_params=dict(the_plan.dataset.config),
+        data_dir=spec.data_dir,
+        workdir=the_plan.workdir,
+        kind="group-inference",
+        show_progress=spec.show_progress,
+        num_workers=spec.num_workers,
+    )
+
+
 def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunResult:
     spec = the_plan.spec
+    inferred = None
+    if the_plan.inferrer is not None:
+        inferred, source = obtain_inferred_groups(the_plan)
+        tracker.set_tags(
+            run_id,
+            {
+                "robustbench.inferred_groups.run_id": source.run_id,
+                "robustbench.inferred_groups.method": the_plan.inferrer,
+            },
+        )
     seed_everything(spec.seed)
     method = the_plan.method_cls(the_plan.dataset, the_plan.hparams)
-    method.prepare(RunContext(the_plan, tracker, run_id))
+    context = RunContext(the_plan, tracker, run_id, inferred)
+    method.prepare(context)
     settings = LoopSettings(
         steps=the_plan.steps,
         eval_every=the_plan.eval_every,
@@ -271,6 +344,11 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         show_progress=spec.show_progress,
         description=f"{the_plan.method_name} on {the_plan.dataset.name} (seed {spec.seed})",
         num_workers=spec.num_workers,
+        inferred_val_groups=None
+        if inferred is None
+        else inferred.eval_groups(
+            "val", the_plan.dataset.split("val").y, the_plan.dataset.class_names
+        ),
     )
     run_dir = the_plan.run_dir
     outcome = train(
@@ -282,6 +360,7 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         on_checkpoint=tracker.flush,
     )
     tracker.flush()
+    method.finish(context, outcome)
 
     selected, final = outcome.selected, outcome.history[-1]
     tracker.log_metrics(

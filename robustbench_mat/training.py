@@ -20,9 +20,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from robustbench_mat.data import BatchSchedule, BenchmarkDataset, GroupedSplit
+from robustbench_mat.data import BatchSchedule, BenchmarkDataset, EvalGroups, GroupedSplit
 from robustbench_mat.errors import RunFailed, UserError
-from robustbench_mat.evaluation import is_better, predict, split_metrics, train_group_weights
+from robustbench_mat.evaluation import (
+    inferred_group_metrics,
+    is_better,
+    predict,
+    split_metrics,
+    train_group_weights,
+)
 from robustbench_mat.method import Batch, Method
 
 
@@ -98,6 +104,7 @@ class LoopSettings:
     show_progress: bool = True
     description: str = "training"
     num_workers: int = 0
+    inferred_val_groups: EvalGroups | None = None
 
 
 @dataclass
@@ -128,12 +135,13 @@ class _Stream:
         self.y = train.y.to(device)
         self.a = train.a.to(device)
         self.x = train.inputs.to(device) if train.in_memory else None
+        self.all_indices = schedule.pool.to(device)
 
     def batches(self, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         if self.x is not None:
             for step in range(start, stop):
                 if self.schedule.full_batch:
-                    yield self.schedule.pool, self.x
+                    yield self.all_indices, self.x
                 else:
                     idx = self.schedule.indices(step).to(self.device)
                     yield idx, self.x[idx]
@@ -193,6 +201,10 @@ def train(
             for split in eval_splits:
                 logits = predict(method.predict, split, device, num_workers=settings.num_workers)
                 record.update(split_metrics(split, logits, dataset.class_names, weights))
+                if split.name == "val" and settings.inferred_val_groups is not None:
+                    record.update(
+                        inferred_group_metrics("val", logits, split.y, settings.inferred_val_groups)
+                    )
         record.update(method.logged_state())
         method.train()
         return record
