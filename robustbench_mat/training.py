@@ -124,8 +124,35 @@ def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """An on-disk dataset whose items carry their index, so that batches know their examples."""
+
+    def __init__(self, inputs: torch.utils.data.Dataset) -> None:
+        self.inputs = inputs
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, self.inputs[index]
+
+
+class _Steps:
+    """The batch schedule's index batches for steps [start, stop), as a DataLoader sampler."""
+
+    def __init__(self, schedule: BatchSchedule, start: int, stop: int) -> None:
+        self.schedule, self.start, self.stop = schedule, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.stop):
+            yield self.schedule.indices(step).tolist()
+
+
 class _Stream:
-    """Training inputs per step, on the device: whole tensors, indexed tensors or a DataLoader."""
+    """Each step's (indices, x, y, a) on the device, from in-memory tensors or a DataLoader."""
 
     def __init__(
         self, train: GroupedSplit, schedule: BatchSchedule, device: torch.device, num_workers: int
@@ -135,26 +162,28 @@ class _Stream:
         self.y = train.y.to(device)
         self.a = train.a.to(device)
         self.x = train.inputs.to(device) if train.in_memory else None
-        self.all_indices = schedule.pool.to(device)
+        if schedule.full_batch and self.x is not None:
+            pool = schedule.pool.to(device)
+            self.full = (pool, self.x[pool], self.y[pool], self.a[pool])
 
-    def batches(self, start: int, stop: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, start: int, stop: int) -> Iterator[tuple[torch.Tensor, ...]]:
         if self.x is not None:
             for step in range(start, stop):
                 if self.schedule.full_batch:
-                    yield self.all_indices, self.x
+                    yield self.full
                 else:
                     idx = self.schedule.indices(step).to(self.device)
-                    yield idx, self.x[idx]
+                    yield idx, self.x[idx], self.y[idx], self.a[idx]
             return
-        batch_indices = [self.schedule.indices(step) for step in range(start, stop)]
         loader = torch.utils.data.DataLoader(
-            self.train.inputs,
-            batch_sampler=batch_indices,
+            _Indexed(self.train.inputs),
+            batch_sampler=_Steps(self.schedule, start, stop),
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
         )
-        for idx, x in zip(batch_indices, loader, strict=True):
-            yield idx.to(self.device), x.to(self.device, non_blocking=True)
+        for idx, x in loader:
+            idx = idx.to(self.device)
+            yield idx, x.to(self.device, non_blocking=True), self.y[idx], self.a[idx]
 
 
 def train(
@@ -238,12 +267,9 @@ def train(
     method.train()
     loss_sum, loss_count = 0.0, 0
     try:
-        for step, (idx, x) in enumerate(stream.batches(start, settings.steps), start=start + 1):
-            y = stream.y if schedule.full_batch else stream.y[idx]
-            a = None
-            if show_groups:
-                a = stream.a if schedule.full_batch else stream.a[idx]
-            batch = Batch(idx, x, y, a, dataset.n_attributes)
+        batches = stream.batches(start, settings.steps)
+        for step, (idx, x, y, a) in enumerate(batches, start=start + 1):
+            batch = Batch(idx, x, y, a if show_groups else None, dataset.n_attributes)
             with _autocast(device):
                 loss = method.loss(batch)
             value = loss.item()
