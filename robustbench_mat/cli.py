@@ -28,6 +28,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="training steps (default: the dataset's)")
     parser.add_argument("--eval-every", type=int, help="steps between evaluations")
     parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    parser.add_argument(
+        "--stop-loss", type=float, help="stop early once the training loss falls below this"
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument("--data-dir", help="where datasets live (default ./data)")
     parser.add_argument(
@@ -50,6 +53,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="KEY=VALUE",
         help="dataset parameters, e.g. --data noise_std=0",
+    )
+    parser.add_argument(
+        "--infer-set",
+        dest="inference_hparams",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="settings of the group-inference run (XRM) that mat and xrm use, e.g. lr=0.01",
     )
     parser.add_argument(
         "--restart",
@@ -75,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train one method on one dataset and record it")
     _add_run_arguments(run)
     commands.add_parser("list", help="list the methods and datasets with where they come from")
+    experiment = commands.add_parser(
+        "experiment", help="reproduce a figure of the MAT paper (figure1, figure3)"
+    )
+    experiment.add_argument("name", choices=("figure1", "figure3"))
+    experiment.add_argument(
+        "--seeds", type=int, nargs="+", help="data and training seeds (figure1 default: 1234)"
+    )
+    experiment.add_argument("--workdir", help="as for `run`")
+    experiment.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    experiment.add_argument(
+        "--no-plot",
+        dest="plot",
+        action="store_false",
+        help="skip the PNG files (the table is still written)",
+    )
+    experiment.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -107,6 +134,8 @@ def command_run(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         restart=args.restart,
         num_workers=args.num_workers,
+        inference_hparams=parse_assignments(args.inference_hparams, "--infer-set"),
+        stop_loss=args.stop_loss,
     )
     result = run(spec)
     if result.reused:
@@ -120,22 +149,42 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def result_table(selected: dict, final: dict) -> str:
-    """Average and worst-group accuracy per split at the selected step (and the last, if later)."""
-    steps = [selected] if selected["step"] == final["step"] else [selected, final]
-    headers = ["split"]
-    for record in steps:
-        headers += [f"avg @{record['step']}", f"worst-group @{record['step']}"]
-    rows = []
-    for split in ("train", "val", "test"):
-        if f"{split}_avg" in selected:
-            row = [split]
-            for record in steps:
-                row += [record[f"{split}_avg"], record[f"{split}_wga"]]
-            rows.append(row)
-    return tabulate(rows, headers=headers, floatfmt=".3f")
+    """The headline metrics per split at the selected step (and at the last, if later)."""
+    records = [selected] if selected["step"] == final["step"] else [selected, final]
+    metrics = [("avg", "avg"), ("wga", "worst-group")]
+    if "val_avg" not in selected:
+        metrics = [("mse", "mse")]
+    headers = ["split"] + [f"{label} @{r['step']}" for r in records for _, label in metrics]
+    rows = [
+        [split] + [r[f"{split}_{key}"] for r in records for key, _ in metrics]
+        for split in ("train", "val", "test")
+        if f"{split}_{metrics[0][0]}" in selected
+    ]
+    return tabulate(rows, headers=headers, floatfmt=".4g")
 
 
-COMMANDS = {"run": command_run, "list": command_list}
+def command_experiment(args: argparse.Namespace) -> int:
+    from robustbench_mat.tracking import resolve_workdir
+
+    workdir = resolve_workdir(args.workdir)
+    if args.name == "figure1":
+        from robustbench_mat.experiments.figure1 import run_figure1
+
+        table, out = run_figure1(
+            args.seeds or [1234], workdir, args.device, args.plot, not args.quiet
+        )
+    else:
+        from robustbench_mat.experiments.figure3 import run_figure3
+
+        table, out = run_figure3(
+            args.seeds or [123], workdir, args.device, args.plot, not args.quiet
+        )
+    print(table)
+    print(f"written to {out}; summary logged to MLflow experiment 'experiments'")
+    return 0
+
+
+COMMANDS = {"run": command_run, "list": command_list, "experiment": command_experiment}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

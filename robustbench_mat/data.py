@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from optuna.distributions import BaseDistribution, FloatDistribution
 from torch import nn
 
@@ -97,6 +98,8 @@ class BenchmarkDataset:
     default_steps: ClassVar[int] = 1000
     default_eval_every: ClassVar[int] = 100
     default_checkpoint_every: ClassVar[int | None] = None
+    default_criterion: ClassVar[str | None] = None
+    task: ClassVar[str] = "classification"
     evaluate_train: ClassVar[bool] = False
 
     def __init__(self, data_dir: str | Path | None = None, **params: Any) -> None:
@@ -123,6 +126,18 @@ class BenchmarkDataset:
             "weight_decay": FloatDistribution(1e-6, 1e-3, log=True),
         }
 
+    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of ERM and of the methods built on it."""
+        return F.cross_entropy(outputs, y)
+
+    def metrics(
+        self, split: GroupedSplit, outputs: torch.Tensor, train_weights: torch.Tensor | None
+    ) -> dict[str, float]:
+        """Evaluation metrics of one split (see `robustbench_mat.evaluation`)."""
+        from robustbench_mat.evaluation import split_metrics
+
+        return split_metrics(split, outputs, self.class_names, train_weights)
+
     def eval_groups(self, split: str, y: torch.Tensor, a: torch.Tensor) -> EvalGroups:
         return EvalGroups.from_ids(y * self.n_attributes + a, tuple(self.group_names()))
 
@@ -144,7 +159,8 @@ class BenchmarkDataset:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
         if name not in self._splits:
             inputs, y, a = self.load_split(name)
-            y, a = y.long(), a.long()
+            y = y.long() if self.task == "classification" else y.float()
+            a = a.long()
             self._splits[name] = GroupedSplit(
                 name, inputs, y, a, self.n_attributes, self.eval_groups(name, y, a)
             )

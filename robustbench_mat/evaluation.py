@@ -93,6 +93,12 @@ def split_metrics(
     return metrics
 
 
+def regression_metrics(split: GroupedSplit, outputs: torch.Tensor) -> dict[str, float]:
+    """Mean squared error of one split (`<split>_mse`)."""
+    error = outputs.reshape(split.y.shape).double() - split.y.double()
+    return {f"{split.name}_mse": error.pow(2).mean().item()}
+
+
 def inferred_group_metrics(
     split_name: str, logits: torch.Tensor, y: torch.Tensor, groups: EvalGroups
 ) -> dict[str, float]:
@@ -124,23 +130,31 @@ def check_criterion(criterion: str) -> None:
 
 
 def select(history: Sequence[dict[str, Any]], criterion: str) -> dict[str, Any]:
-    """The evaluation record with the highest `criterion`; ties go to the later step."""
+    """The evaluation record with the best `criterion`; ties go to the later step."""
     best: dict[str, Any] | None = None
+    maximize = higher_is_better(criterion)
     for record in history:
         if criterion not in record:
             known = sorted(k for k in record if k.startswith("val_"))
             raise UserError(
                 f"selection criterion {criterion!r} was not measured; measured: {', '.join(known)}"
             )
-        if is_better(record[criterion], None if best is None else best[criterion]):
+        if is_better(record[criterion], None if best is None else best[criterion], maximize):
             best = record
     if best is None:
         raise ValueError("no evaluation to select from")
     return best
 
 
-def is_better(value: float, best: float | None) -> bool:
-    """Selection order: higher is better, a tie prefers the later step, NaN never wins."""
+def higher_is_better(criterion: str) -> bool:
+    """Accuracies are maximised; errors and losses (`*_mse`, `*_loss`) are minimised."""
+    return not criterion.endswith(("_mse", "_loss"))
+
+
+def is_better(value: float, best: float | None, maximize: bool = True) -> bool:
+    """Selection order: the better value wins, a tie prefers the later step, NaN never wins."""
     if math.isnan(value):
         return best is None
-    return best is None or math.isnan(best) or value >= best
+    if best is None or math.isnan(best):
+        return True
+    return value >= best if maximize else value <= best

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 
@@ -121,7 +120,7 @@ class Method(nn.Module):
         return None
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.model(batch.x), batch.y)
+        return self.dataset.loss(self.model(batch.x), batch.y)
 
     def after_step(self, batch: Batch, step: int) -> None:
         """Called after each optimiser step."""

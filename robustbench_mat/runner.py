@@ -73,6 +73,7 @@ class RunSpec:
     restart: bool = False
     num_workers: int = 0
     inference_hparams: dict[str, Any] = field(default_factory=dict)
+    stop_loss: float | None = None
 
 
 @dataclass
@@ -116,6 +117,9 @@ class RunPlan:
                 "steps": self.steps,
                 "eval_every": self.eval_every,
                 "device": self.device.type,
+                "inferrer": self.inferrer,
+                "inference_hparams": self.spec.inference_hparams if self.inferrer else {},
+                "stop_loss": self.spec.stop_loss,
             }
         )
 
@@ -201,7 +205,7 @@ def plan(spec: RunSpec) -> RunPlan:
         get_regime(spec.regime) if spec.regime else default_regime(method_cls.needs_train_groups)
     )
     check_allowed(method_cls.name, method_cls.needs_train_groups, regime)
-    criterion = spec.criterion or regime.default_criterion
+    criterion = spec.criterion or dataset.default_criterion or regime.default_criterion
     if spec.criterion is None and not regime.val_groups and method_cls.group_inference:
         criterion = "val_inferred_wga"
     check_criterion_allowed(criterion, regime)
@@ -344,6 +348,7 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         show_progress=spec.show_progress,
         description=f"{the_plan.method_name} on {the_plan.dataset.name} (seed {spec.seed})",
         num_workers=spec.num_workers,
+        stop_loss=spec.stop_loss,
         inferred_val_groups=None
         if inferred is None
         else inferred.eval_groups(

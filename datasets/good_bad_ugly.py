@@ -1,0 +1,96 @@
+"""The regression task of the MAT paper's Figure 3: good, bad and ugly memorisation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustbench_mat.backbones import mlp
+from robustbench_mat.data import BenchmarkDataset, EvalGroups, GroupedSplit, SplitArrays
+from robustbench_mat.evaluation import regression_metrics
+from robustbench_mat.hparams import HParam
+from robustbench_mat.registry import register_dataset
+
+
+def true_function(x: torch.Tensor) -> torch.Tensor:
+    """f(x) = tanh(x) + 0.5 tanh(-5x): a trend plus a wiggle near 0."""
+    return torch.tanh(x) + 0.5 * torch.tanh(-5 * x)
+
+
+@register_dataset("good-bad-ugly")
+class GoodBadUgly(BenchmarkDataset):
+    """Figure 3 of the MAT paper: 20 noisy samples of a 1-d function plus per-example features.
+
+    Inputs are [x, e] with e in R^`extra_dims`. The training set holds `n_train` evenly spaced
+    points of a sweep of `n_sweep` points over [-1.5, 1.5], with labels f(x) + 0.08 N(0, 1) and
+    e = `feature_std` * N(0, I): the example-specific features a network can memorise with
+    (good: 1e-4, bad: 1e-3, ugly: 0). Val and test are the other sweep points with e = 0 and
+    labels f(x), so their error is the distance to the true function on unseen inputs.
+    """
+
+    paper = "Bayat, Pezeshki et al. 2024, The Pitfalls of Memorization (arXiv 2412.07684)"
+    task = "regression"
+    n_classes = 1
+    n_attributes = 1
+    class_names = ("f",)
+    attribute_names = ("all",)
+    default_steps = 100_000
+    default_eval_every = 1000
+    default_criterion = "val_mse"
+    evaluate_train = True
+    params = {
+        "feature_std": HParam(1e-4, "std of the example-specific features of training points"),
+        "extra_dims": HParam(30, "number of example-specific feature dimensions"),
+        "n_train": HParam(20, "training points, evenly spaced over the sweep"),
+        "n_sweep": HParam(1000, "points of the sweep over [-1.5, 1.5]"),
+        "label_noise": HParam(0.08, "std of the label noise on training points"),
+        "seed": HParam(123, "seed of the features and label noise"),
+    }
+
+    def sweep(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sweep's x values and the indices of the training points in it."""
+        c = self.config
+        xs = torch.linspace(-1.5, 1.5, c["n_sweep"])
+        return xs, torch.linspace(0, c["n_sweep"] - 1, c["n_train"]).long()
+
+    def training_features(self) -> torch.Tensor:
+        c = self.config
+        generator = torch.Generator().manual_seed(c["seed"])
+        features = c["feature_std"] * torch.randn(
+            c["n_train"], c["extra_dims"], generator=generator
+        )
+        noise = c["label_noise"] * torch.randn(c["n_train"], generator=generator)
+        return torch.cat([features, noise[:, None]], dim=1)
+
+    def load_split(self, split: str) -> SplitArrays:
+        xs, train_idx = self.sweep()
+        if split == "train":
+            drawn = self.training_features()
+            features, noise = drawn[:, :-1], drawn[:, -1]
+            x = xs[train_idx]
+            return SplitArrays(
+                torch.cat([x[:, None], features], 1), true_function(x) + noise, torch.zeros(len(x))
+            )
+        unseen = torch.ones(len(xs), dtype=torch.bool)
+        unseen[train_idx] = False
+        x = xs[unseen]
+        inputs = torch.cat([x[:, None], torch.zeros(len(x), self.config["extra_dims"])], 1)
+        return SplitArrays(inputs, true_function(x), torch.zeros(len(x)))
+
+    def build_model(self) -> nn.Module:
+        return mlp(1 + self.config["extra_dims"], 1, hidden=(300, 300), activation=nn.Tanh)
+
+    def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.mse_loss(outputs.squeeze(1), y)
+
+    def metrics(self, split: GroupedSplit, outputs: torch.Tensor, train_weights) -> dict:
+        return regression_metrics(split, outputs)
+
+    def eval_groups(self, split: str, y: torch.Tensor, a: torch.Tensor) -> EvalGroups:
+        return EvalGroups.from_ids(torch.zeros(len(y), dtype=torch.long), ("all",))
+
+    def default_hparams(self) -> dict[str, Any]:
+        return {"optimizer": "adam", "lr": 1e-3, "batch_size": 0, "weight_decay": 0.0}

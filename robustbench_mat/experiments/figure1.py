@@ -1,0 +1,199 @@
+"""Figure 1 of the MAT paper: ERM memorises the minority through example-specific noise; MAT
+does not.
+
+Three runs per seed, each 1000 full-batch gradient-descent updates of a bias-free linear model on
+the `synthetic` dataset: ERM without noise (lr 3e-2), ERM with noise std 0.5 (lr 1e-2), and MAT
+with noise std 0.5 and temperature 0.1, whose first phase is XRM with the plain mean held-in
+loss and one global calibration, as in the paper's script. Accuracies are read at the last step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from robustbench_mat.evaluation import metric_key
+from robustbench_mat.experiments import log_experiment, markdown_table, mean_std
+from robustbench_mat.registry import DATASETS, METHODS
+from robustbench_mat.runner import RunResult, RunSpec, plan, run
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One panel of the figure."""
+
+    label: str
+    slug: str
+    method: str
+    noise_std: float
+    hparams: dict[str, Any]
+    inference_hparams: dict[str, Any] = field(default_factory=dict)
+
+
+SETTINGS = (
+    Setting("ERM, σ=0", "erm_noise0", "erm", 0.0, {"lr": 3e-2}),
+    Setting("ERM, σ=0.5", "erm_noise0.5", "erm", 0.5, {"lr": 1e-2}),
+    Setting(
+        "MAT, σ=0.5, τ=0.1",
+        "mat_noise0.5",
+        "mat",
+        0.5,
+        {"lr": 1e-2, "temperature": 0.1, "calibration": "global"},
+        {"lr": 1e-2, "held_in_loss": "mean"},
+    ),
+)
+STEPS = 1000
+COLUMNS = ("majority train", "minority train", "majority test", "minority test")
+
+
+def spec_for(setting: Setting, seed: int, workdir: Path, device: str, progress: bool) -> RunSpec:
+    return RunSpec(
+        method=setting.method,
+        dataset="synthetic",
+        seed=seed,
+        regime="val-only",
+        steps=STEPS,
+        eval_every=1,
+        checkpoint_every=STEPS // 4,
+        device=device,
+        hparams={
+            "batch_size": 0,
+            "optimizer": "sgd",
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            **setting.hparams,
+        },
+        data_params={"noise_std": setting.noise_std, "seed": seed},
+        inference_hparams=dict(setting.inference_hparams),
+        workdir=workdir,
+        kind="experiment",
+        tags={"robustbench.experiment": "figure1"},
+        show_progress=progress,
+    )
+
+
+def majority_minority_curves(history: pd.DataFrame, dataset) -> pd.DataFrame:
+    """Accuracy on the majority (a == y) and minority (a != y) examples per step and split."""
+    curves = pd.DataFrame({"step": history["step"]})
+    for split, name in (("train", "train"), ("test", "test")):
+        data = dataset.split(split)
+        for part, keep in (("majority", data.a == data.y), ("minority", data.a != data.y)):
+            total = torch.zeros(len(history), dtype=torch.float64)
+            count = 0
+            for g, group_name in enumerate(data.eval_groups.names):
+                members = data.eval_groups.membership[:, g] & keep
+                n = int(members.sum())
+                if n == 0:
+                    continue
+                column = f"{split}_group_acc.{metric_key(group_name)}"
+                total += torch.tensor(history[column].to_numpy()) * n
+                count += n
+            curves[f"{part} {name}"] = (total / count).numpy()
+    return curves
+
+
+def plot_setting(
+    setting: Setting, curves: pd.DataFrame, result: RunResult, dataset, run_dir: Path, path: Path
+) -> None:
+    """Accuracy curves on top, the decision boundary in the (x_y, x_a) plane below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 7))
+    styles = {
+        "majority train": ("k", "-"),
+        "minority train": ("k", "--"),
+        "majority test": ("r", "-"),
+        "minority test": ("r", "--"),
+    }
+    for column, (color, style) in styles.items():
+        top.plot(curves["step"], curves[column], color=color, linestyle=style, label=column)
+    top.set(xlabel="update", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{setting.label}")
+    top.legend(loc="lower right", fontsize=8)
+
+    method = METHODS.get(result.method)(dataset, result.hparams)
+    method.load_state_dict(torch.load(run_dir / "final_model.pt", weights_only=True))
+    xs, ys = torch.linspace(-2, 2, 200), torch.linspace(-10, 10, 200)
+    grid_x, grid_y = torch.meshgrid(xs, ys, indexing="xy")
+    inputs = torch.zeros(grid_x.numel(), dataset.config["dim"])
+    inputs[:, 0], inputs[:, 1] = grid_x.flatten(), grid_y.flatten()
+    with torch.no_grad():
+        logits = method.predict(inputs)
+    surface = torch.sigmoid(10 * (logits[:, 1] - logits[:, 0])).reshape(grid_x.shape)
+    bottom.contourf(grid_x, grid_y, surface, levels=20, cmap="RdBu_r", alpha=0.6)
+    train = dataset.split("train")
+    minority = train.a != train.y
+    for cls, color in ((0, "tab:blue"), (1, "tab:red")):
+        for mask, marker in ((~minority, "o"), (minority, "x")):
+            chosen = (train.y == cls) & mask
+            bottom.scatter(
+                train.inputs[chosen, 0],
+                train.inputs[chosen, 1],
+                s=8,
+                c=color,
+                marker=marker,
+                linewidths=0.8,
+            )
+    bottom.set(
+        xlabel="core feature x_y",
+        ylabel="spurious feature 5·x_a",
+        xlim=(-2, 2),
+        ylim=(-10, 10),
+        title="decision boundary (noise dimensions at 0); x: minority",
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def run_figure1(
+    seeds: list[int], workdir: Path, device: str = "auto", plot: bool = True, progress: bool = True
+) -> tuple[str, Path]:
+    """Train every setting for every seed; returns the table (Markdown) and the output folder."""
+    out = workdir / "experiments" / "figure1"
+    final: dict[str, list[dict[str, float]]] = {s.label: [] for s in SETTINGS}
+    files = []
+    for seed in seeds:
+        for setting in SETTINGS:
+            spec = spec_for(setting, seed, workdir, device, progress)
+            result = run(spec)
+            run_dir = plan(spec).run_dir
+            dataset = DATASETS.get("synthetic")(noise_std=setting.noise_std, seed=seed)
+            curves = majority_minority_curves(pd.read_csv(run_dir / "history.csv"), dataset)
+            final[setting.label].append(curves.iloc[-1][list(COLUMNS)].to_dict())
+            if plot:
+                folder = out / f"seed{seed}"
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f"{setting.slug}.png"
+                plot_setting(setting, curves, result, dataset, run_dir, path)
+                files.append(path)
+    rows = [
+        [label] + [mean_std([r[c] for r in records]) for c in COLUMNS]
+        for label, records in final.items()
+    ]
+    table = markdown_table(rows, ["setting", *COLUMNS])
+    out.mkdir(parents=True, exist_ok=True)
+    table_path = out / "figure1.md"
+    table_path.write_text(
+        f"Final accuracy after {STEPS} full-batch updates, mean ± std over seeds "
+        f"{', '.join(map(str, seeds))} (test: the 50/50 test split).\n\n{table}\n"
+    )
+    metrics = {
+        f"{s.slug}.{c.replace(' ', '_')}": sum(r[c] for r in final[s.label]) / len(seeds)
+        for s in SETTINGS
+        for c in COLUMNS
+    }
+    log_experiment(
+        workdir,
+        "figure1",
+        metrics,
+        [table_path, *files],
+        {"seeds": " ".join(map(str, seeds)), "steps": STEPS},
+    )
+    return table, out
