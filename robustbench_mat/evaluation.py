@@ -14,6 +14,7 @@ Metric keys of one evaluation are flat, `<split>_<metric>`:
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -120,12 +121,31 @@ def _group_accuracy(
     return group_acc, counts > 0
 
 
+VALIDATION_CRITERIA = (
+    "val_wga",
+    "val_worst_class",
+    "val_avg",
+    "val_avg_train_weighted",
+    "val_inferred_wga",
+    "val_mse",
+)
+PER_GROUP_CRITERIA = ("val_group_acc.", "val_class_acc.", "val_inferred_group_acc.")
+
+
 def check_criterion(criterion: str) -> None:
+    """A criterion must be a validation metric the evaluator produces."""
     if not criterion.startswith("val_"):
         raise UserError(
             f"selection criterion {criterion!r} must be a validation metric (val_wga, "
             "val_worst_class, val_avg, ...): selecting on train or test data is not model "
             "selection"
+        )
+    if criterion not in VALIDATION_CRITERIA and not criterion.startswith(PER_GROUP_CRITERIA):
+        close = difflib.get_close_matches(criterion, VALIDATION_CRITERIA, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(
+            f"unknown selection criterion {criterion!r}; {hint}known: "
+            f"{', '.join(VALIDATION_CRITERIA)}, or {'<group>, '.join(PER_GROUP_CRITERIA)}<group>"
         )
 
 

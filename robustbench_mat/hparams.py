@@ -33,8 +33,8 @@ class HParam:
         try:
             if kind is bool:
                 parsed = _parse_bool(value)
-            elif kind is int and isinstance(value, str):
-                parsed = int(float(value)) if float(value).is_integer() else int(value)
+            elif kind is int:
+                parsed = _parse_int(value)
             elif kind is float and isinstance(value, str):
                 parsed = float(value)
             else:
@@ -47,6 +47,20 @@ class HParam:
             options = ", ".join(map(str, self.choices))
             raise UserError(f"{owner} setting {name!r} must be one of {options}, got {value!r}")
         return parsed
+
+
+def _parse_int(value: Any) -> int:
+    """An integer from int-like text ("12", "1e3") or a whole number; never truncates."""
+    if isinstance(value, bool):
+        raise ValueError(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            value = float(value)
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return int(value)
 
 
 def _parse_bool(value: Any) -> bool:

@@ -211,8 +211,11 @@ def plan(spec: RunSpec) -> RunPlan:
     check_criterion_allowed(criterion, regime)
     hparams = resolve(method_cls.hparam_specs(dataset), spec.hparams, f"method {method_cls.name!r}")
     steps = spec.steps if spec.steps is not None else dataset.default_steps
-    eval_every = min(spec.eval_every or dataset.default_eval_every, steps)
-    checkpoint_every = spec.checkpoint_every or dataset.default_checkpoint_every or eval_every
+    eval_every = spec.eval_every if spec.eval_every is not None else dataset.default_eval_every
+    eval_every = min(eval_every, steps)
+    checkpoint_every = spec.checkpoint_every
+    if checkpoint_every is None:
+        checkpoint_every = dataset.default_checkpoint_every or eval_every
     for flag, value in (
         ("--steps", steps),
         ("--eval-every", eval_every),

@@ -64,6 +64,7 @@ class Tracker:
         self.uri = tracking_uri(workdir)
         self.client = MlflowClient(tracking_uri=self.uri)
         self._pending: list[tuple[str, dict[str, Any]]] = []
+        self._logged_through: dict[str, int] = {}
 
     def experiment_id(self, name: str) -> str:
         """The id of experiment `name`, created on first use."""
@@ -94,6 +95,8 @@ class Tracker:
         if run_id is not None and self._exists(run_id):
             self.client.update_run(run_id, status="RUNNING")
             self.set_tags(run_id, {TAGS.STATE: "running"})
+            logged = self.client.get_metric_history(run_id, HISTORY_PREFIX + "train_loss")
+            self._logged_through[run_id] = max((m.step for m in logged), default=0)
             return run_id
         run = self.client.create_run(
             self.experiment_id(experiment),
@@ -140,8 +143,10 @@ class Tracker:
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
     def buffer_history(self, run_id: str, record: dict[str, Any]) -> None:
-        """Hold one evaluation record until `flush` (called at each checkpoint)."""
-        self._pending.append((run_id, record))
+        """Hold one evaluation record until `flush` (called at each checkpoint). A resumed run
+        re-evaluates the steps after its last checkpoint: those already logged are skipped."""
+        if record["step"] > self._logged_through.get(run_id, 0):
+            self._pending.append((run_id, record))
 
     def flush(self) -> None:
         pending, self._pending = self._pending, []

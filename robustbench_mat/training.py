@@ -217,6 +217,7 @@ def train(
     stream = _Stream(train_split, schedule, device, settings.num_workers)
 
     start, history, best, best_state, stopped = 0, [], None, None, False
+    loss_sum, loss_count = 0.0, 0
     state = checkpoints.load() if checkpoints else None
     if state is not None:
         method.load_state_dict(state["method"])
@@ -225,6 +226,7 @@ def train(
         start, history = state["step"], state["history"]
         best, best_state = state["best"], state["best_state"]
         stopped = state.get("stopped", False)
+        loss_sum, loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
     maximize = higher_is_better(settings.criterion)
 
     def evaluate(step: int, mean_loss: float | None) -> dict[str, Any]:
@@ -258,6 +260,8 @@ def train(
                     "best": best,
                     "best_state": best_state,
                     "stopped": stopped,
+                    "loss_sum": loss_sum,
+                    "loss_count": loss_count,
                 }
             )
 
@@ -272,7 +276,6 @@ def train(
         leave=True,
     )
     method.train()
-    loss_sum, loss_count = 0.0, 0
     try:
         batches = stream.batches(start, start if stopped else settings.steps)
         for step, (idx, x, y, a) in enumerate(batches, start=start + 1):
@@ -298,6 +301,12 @@ def train(
                 record = evaluate(step, loss_sum / loss_count)
                 loss_sum, loss_count = 0.0, 0
                 history.append(record)
+                if settings.criterion not in record:
+                    measured = ", ".join(k for k in record if k.startswith("val_"))
+                    raise UserError(
+                        f"selection criterion {settings.criterion!r} is not measured on "
+                        f"{dataset.name}; measured: {measured}"
+                    )
                 if is_better(
                     record[settings.criterion],
                     None if best is None else best[settings.criterion],

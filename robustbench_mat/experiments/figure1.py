@@ -145,7 +145,7 @@ def plot_setting(
         ylabel="spurious feature 5·x_a",
         xlim=(-2, 2),
         ylim=(-10, 10),
-        title="decision boundary (noise dimensions at 0); x: minority",
+        title="decision boundary (noise at 0); x: minority",
     )
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -1,0 +1,252 @@
+"""The `robustbench-mat` command line: help, `list`, clean errors, and a small run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import only_run_dir
+
+from robustbench_mat.cli import main, result_table
+from robustbench_mat.runner import RunSpec, plan
+
+PREFIX = "robustbench-mat: error: "
+SCRIPT = shutil.which("robustbench-mat") or str(Path(sys.executable).with_name("robustbench-mat"))
+SMALL = ["--steps", "50", "--eval-every", "10", "--quiet"]
+
+
+def run_command(workdir: Path, *extra: str) -> list[str]:
+    return ["run", "--method", "erm", "--dataset", "synthetic", "--workdir", str(workdir), *extra]
+
+
+def assert_clean_error(captured, code: int, expected_code: int, *fragments: str) -> str:
+    assert code == expected_code
+    err = captured.err
+    assert err.startswith(PREFIX), err
+    assert err.endswith("\n") and err.count("\n") == 1, err  # a single line
+    assert "Traceback" not in err + captured.out
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+def assert_nothing_finished(workdir: Path) -> None:
+    assert not list(workdir.glob("runs/*/result.json"))
+
+
+# --- help and list -----------------------------------------------------------------------------
+
+
+def test_no_arguments_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: robustbench-mat")
+    assert "run" in out and "list" in out
+
+
+def test_run_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["run", "--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--method", "--dataset", "--set", "--data", "--criterion", "--restart"):
+        assert option in out
+
+
+def test_list_shows_methods_and_datasets_with_their_source(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    methods, datasets = out.split("Datasets:")
+    assert methods.startswith("Methods:")
+    erm_line = next(line for line in methods.splitlines() if line.startswith("erm "))
+    assert "Empirical risk minimisation" in erm_line and erm_line.rstrip().endswith("built-in")
+    synthetic_line = next(line for line in datasets.splitlines() if line.startswith("synthetic"))
+    assert "Figure 1 of the MAT paper" in synthetic_line
+    assert synthetic_line.rstrip().endswith("built-in")
+
+
+def test_missing_required_option_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["run", "--method", "erm"])
+    assert caught.value.code == 2
+    assert "--dataset" in capsys.readouterr().err
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+BAD_INPUTS = {
+    "unknown-method": (["--method", "ermm"], 2, ["unknown method 'ermm'", "did you mean erm"]),
+    "unknown-dataset": (["--dataset", "synthetc"], 2, ["unknown dataset 'synthetc'", "synthetic"]),
+    "unknown-set-key": (["--set", "learning_rate=0.1"], 2, ["learning_rate", "valid keys: "]),
+    "wrong-type": (["--set", "batch_size=lots"], 2, ["'batch_size' expects int, got 'lots'"]),
+    "bad-choice": (["--set", "optimizer=rmsprop"], 2, ["must be one of sgd, adam, adamw"]),
+    "set-without-equals": (["--set", "lr"], 2, ["--set expects key=value, got 'lr'"]),
+    "unknown-data-key": (["--data", "noise=0"], 2, ["unknown dataset 'synthetic' setting noise"]),
+    "wrong-data-type": (["--data", "n=many"], 2, ["setting 'n' expects int"]),
+    "criterion-on-test": (["--criterion", "test_wga"], 2, ["must be a validation metric"]),
+    "criterion-on-train": (["--criterion", "train_avg"], 2, ["must be a validation metric"]),
+    "group-criterion-without-groups": (
+        ["--regime", "none", "--criterion", "val_wga"],
+        2,
+        ["reads validation group labels", "regime 'none' withholds"],
+    ),
+    "zero-steps": (["--steps", "0"], 2, ["--steps must be a positive number of steps, got 0"]),
+    "bad-device": (["--device", "gpu"], 2, ["--device must be auto, cpu or cuda"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_a_one_line_error(case, workdir, capsys):
+    extra, expected_code, fragments = BAD_INPUTS[case]
+    # Later options win over the defaults given first.
+    args = run_command(workdir, *SMALL)
+    for flag, value in zip(extra[::2], extra[1::2], strict=True):
+        if flag in args:
+            args[args.index(flag) + 1] = value
+        else:
+            args += [flag, value]
+    code = main(args)
+    assert_clean_error(capsys.readouterr(), code, expected_code, *fragments)
+    assert_nothing_finished(workdir)
+    assert not (workdir / "runs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda_is_a_one_line_error(workdir, capsys):
+    code = main(run_command(workdir, *SMALL, "--device", "cuda"))
+    assert_clean_error(
+        capsys.readouterr(), code, 2, "--device cuda: CUDA is not available on this machine"
+    )
+    assert_nothing_finished(workdir)
+
+
+def test_diverging_run_is_a_one_line_error_with_exit_code_1(workdir, capsys):
+    code = main(run_command(workdir, *SMALL, "--set", "lr=1e38"))
+    assert_clean_error(capsys.readouterr(), code, 1, "the loss became nan at step 2")
+    assert_nothing_finished(workdir)
+
+
+def test_error_in_a_subprocess_prints_no_traceback(workdir):
+    completed = subprocess.run(
+        [SCRIPT, *run_command(workdir, *SMALL, "--set", "lr=abc")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    error_lines = [line for line in completed.stderr.splitlines() if line.startswith(PREFIX)]
+    assert error_lines == [f"{PREFIX}method 'erm' setting 'lr' expects float, got 'abc'"]
+    assert completed.stdout == ""
+    assert_nothing_finished(workdir)
+
+
+# --- a successful run --------------------------------------------------------------------------
+
+
+def test_small_run_prints_the_table_and_the_mlflow_run_id(workdir, capsys):
+    assert main(run_command(workdir, *SMALL)) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0].split()[:1] == ["split"]
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:5]}
+    assert set(rows) == {"train", "val", "test"}
+    run_dir = only_run_dir(workdir)
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    assert f"MLflow run {run_id} in sqlite:///{workdir / 'mlflow.db'}" in lines[-1]
+    assert lines[-1].startswith("selected step ")
+    assert "by val_wga (regime val-only)" in lines[-1]
+    assert (run_dir / "result.json").exists()
+    assert "Traceback" not in captured.err
+
+    # The same command again reuses the finished run.
+    assert main(run_command(workdir, *SMALL)) == 0
+    again = capsys.readouterr().out
+    assert again.startswith("An identical run had already finished")
+    assert f"MLflow run {run_id}" in again
+    assert again.splitlines()[1:] == lines
+
+
+def test_set_and_data_reach_the_run(workdir, capsys):
+    args = run_command(
+        workdir, *SMALL, "--set", "lr=0.05", "momentum=0.5", "--data", "noise_std=0", "n=200"
+    )
+    assert main(args) == 0
+    capsys.readouterr()
+    expected = plan(
+        RunSpec(
+            "erm",
+            "synthetic",
+            steps=50,
+            eval_every=10,
+            hparams={"lr": 0.05, "momentum": 0.5},
+            data_params={"noise_std": 0.0, "n": 200},
+            workdir=workdir,
+        )
+    )
+    assert only_run_dir(workdir) == expected.run_dir
+    result = json.loads((expected.run_dir / "result.json").read_text())
+    assert result["hparams"] == {**expected.hparams, "lr": 0.05, "momentum": 0.5}
+
+
+def test_console_script_runs_end_to_end(workdir):
+    completed = subprocess.run(
+        [SCRIPT, *run_command(workdir, "--steps", "20", "--eval-every", "10", "--quiet")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert [line.split()[0] for line in lines[2:5]] == ["train", "val", "test"]
+    run_id = (only_run_dir(workdir) / "mlflow_run_id").read_text().strip()
+    assert f"MLflow run {run_id}" in lines[-1]
+
+
+def test_result_table_shows_the_last_step_when_it_differs():
+    selected = {"step": 10, "val_avg": 0.5, "val_wga": 0.25, "test_avg": 0.75, "test_wga": 0.5}
+    final = {"step": 20, "val_avg": 0.6, "val_wga": 0.3, "test_avg": 0.7, "test_wga": 0.4}
+    table = result_table(selected, final).splitlines()
+    assert table[0].split() == [
+        "split",
+        "avg",
+        "@10",
+        "worst-group",
+        "@10",
+        "avg",
+        "@20",
+        "worst-group",
+        "@20",
+    ]
+    rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in table[2:]}
+    assert rows == {"val": [0.5, 0.25, 0.6, 0.3], "test": [0.75, 0.5, 0.7, 0.4]}
+    # No train row when train was not evaluated; one pair of columns when nothing came later.
+    assert len(table) == 4
+    assert result_table(selected, selected).splitlines()[0].split() == [
+        "split",
+        "avg",
+        "@10",
+        "worst-group",
+        "@10",
+    ]
+
+
+# --- known bugs --------------------------------------------------------------------------------
+
+
+def test_unknown_validation_criterion_is_a_one_line_error(workdir, capsys):
+    code = main(run_command(workdir, *SMALL, "--criterion", "val_wgaa"))
+    assert_clean_error(capsys.readouterr(), code, 2, "val_wgaa")
+    assert_nothing_finished(workdir)
+
+
+@pytest.mark.parametrize("flag", ["--eval-every", "--checkpoint-every"])
+def test_zero_intervals_are_rejected(flag, workdir, capsys):
+    args = run_command(workdir, "--steps", "20", "--quiet")
+    code = main([*args, flag, "0"])
+    assert_clean_error(capsys.readouterr(), code, 2, f"{flag} must be a positive number")
