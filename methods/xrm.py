@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from robustbench_mat.methods.groupdro import GroupDRO
 from torch import nn
 
 from robustbench_mat.evaluation import predict
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
 from robustbench_mat.hparams import HParam
 from robustbench_mat.method import Batch, Method
+from robustbench_mat.methods.groupdro import GroupDRO
 from robustbench_mat.registry import register_method
 
 XRM_PAPER = "Pezeshki et al. 2024, Discovering Environments with XRM (ICML)"
