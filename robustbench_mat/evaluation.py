@@ -31,7 +31,7 @@ def metric_key(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     predict_fn: Callable[[torch.Tensor], torch.Tensor],
     split: GroupedSplit,
@@ -69,28 +69,34 @@ def split_metrics(
     """Accuracy metrics of one split from its logits (see the module docstring for the keys)."""
     correct = (logits.argmax(1) == split.y).double()
     prefix = split.name
-    metrics = {f"{prefix}_avg": correct.mean().item()}
-
-    group_acc, present = _group_accuracy(correct, split.eval_groups.membership)
-    metrics[f"{prefix}_wga"] = group_acc[present].min().item()
+    group_acc, group_present = _group_accuracy(correct, split.eval_groups.membership)
+    class_count = torch.bincount(split.y, minlength=len(class_names))
+    class_acc = torch.bincount(split.y, weights=correct, minlength=len(class_names))
+    class_acc = class_acc / class_count.clamp(min=1)
+    class_present = class_count > 0
+    headline = [
+        correct.mean(),
+        group_acc[group_present].min(),
+        class_acc[class_present].min(),
+    ]
     if group_weights is not None:
-        weights = group_weights * present
-        metrics[f"{prefix}_avg_train_weighted"] = (
-            (weights * group_acc).sum() / weights.sum()
-        ).item()
-
-    class_acc = {}
-    for c, name in enumerate(class_names):
-        mask = split.y == c
-        if mask.any():
-            class_acc[name] = correct[mask].mean().item()
-    metrics[f"{prefix}_worst_class"] = min(class_acc.values())
-
-    for k, name in enumerate(split.eval_groups.names):
-        if present[k]:
-            metrics[f"{prefix}_group_acc.{metric_key(name)}"] = group_acc[k].item()
-    for name, value in class_acc.items():
-        metrics[f"{prefix}_class_acc.{metric_key(name)}"] = value
+        weights = group_weights * group_present
+        headline.append((weights * group_acc).sum() / weights.sum())
+    values = torch.stack(headline).tolist()  # one conversion instead of one per metric
+    metrics = {
+        f"{prefix}_avg": values[0],
+        f"{prefix}_wga": values[1],
+        f"{prefix}_worst_class": values[2],
+    }
+    if group_weights is not None:
+        metrics[f"{prefix}_avg_train_weighted"] = values[3]
+    for names, accuracy, present, kind in (
+        (split.eval_groups.names, group_acc, group_present, "group_acc"),
+        (class_names, class_acc, class_present, "class_acc"),
+    ):
+        for name, value, keep in zip(names, accuracy.tolist(), present.tolist(), strict=True):
+            if keep:
+                metrics[f"{prefix}_{kind}.{metric_key(name)}"] = value
     return metrics
 
 

@@ -8,6 +8,7 @@ is identified by a key hashed from everything that determines its numbers; its d
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -359,12 +360,20 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         ),
     )
     run_dir = the_plan.run_dir
+    evaluations = math.ceil(the_plan.steps / the_plan.eval_every)
+    stride = tracker.history_stride(evaluations)
+
+    def log_history(record: dict[str, Any]) -> None:
+        index = math.ceil(record["step"] / the_plan.eval_every)
+        if index % stride == 0 or record["step"] == the_plan.steps:
+            tracker.buffer_history(run_id, record)
+
     outcome = train(
         method,
         the_plan.dataset,
         settings,
         CheckpointStore(run_dir / "checkpoint.pt"),
-        on_eval=lambda record: tracker.buffer_history(run_id, record),
+        on_eval=log_history,
         on_checkpoint=tracker.flush,
     )
     tracker.flush()

@@ -10,7 +10,9 @@ interrupted run stays RUNNING (or KILLED / FAILED) with `robustbench.state` tell
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -22,6 +24,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 ENV_WORKDIR = "ROBUSTBENCH_MAT_WORKDIR"
 DEFAULT_WORKDIR = "robustbench-runs"
 HISTORY_PREFIX = "history/"
+# MLflow's SQL store takes ~0.2 ms per metric value: a run sends at most this many evaluations
+# to it (evenly spaced, the last one included); history.csv keeps every evaluation.
+MAX_HISTORY_POINTS = 100
 
 
 class TAGS:
@@ -52,17 +57,23 @@ def _quiet_mlflow_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+@functools.lru_cache(maxsize=8)
+def _client(uri: str) -> Any:
+    """One client per store and process: opening a SQL store costs about a second."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
 class Tracker:
     """A thin wrapper of `MlflowClient` bound to one work directory."""
 
     def __init__(self, workdir: Path) -> None:
-        from mlflow import MlflowClient
-
         _quiet_mlflow_logs()
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri(workdir)
-        self.client = MlflowClient(tracking_uri=self.uri)
+        self.client = _client(self.uri)
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._logged_through: dict[str, int] = {}
 
@@ -141,6 +152,11 @@ class Tracker:
         ]
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+    @staticmethod
+    def history_stride(n_evaluations: int) -> int:
+        """Log every k-th evaluation so that a run sends at most `MAX_HISTORY_POINTS`."""
+        return max(1, math.ceil(n_evaluations / MAX_HISTORY_POINTS))
 
     def buffer_history(self, run_id: str, record: dict[str, Any]) -> None:
         """Hold one evaluation record until `flush` (called at each checkpoint). A resumed run
