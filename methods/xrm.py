@@ -121,6 +121,7 @@ class XRMGroupInference(Method):
             train_attribute=attributes["train"],
             val_attribute=attributes["val"],
             degenerate=degenerate,
+            score=0.0 if degenerate else self.flip_rate(),
             stats={
                 "flip_rate": self.flip_rate(),
                 "train_inferred_minority": attributes["train"].float().mean().item(),

@@ -63,6 +63,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="settings of the group-inference run (XRM) that mat and xrm use, e.g. lr=0.01",
     )
     parser.add_argument(
+        "--infer-trials",
+        type=int,
+        default=1,
+        help="group-inference configurations to draw from its search space; the one with the "
+        "best label-free score (XRM: final flip rate) is used (default 1: its defaults)",
+    )
+    parser.add_argument(
         "--restart",
         action="store_true",
         help="discard a finished or interrupted run with the same settings",
@@ -136,6 +143,7 @@ def command_run(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
         inference_hparams=parse_assignments(args.inference_hparams, "--infer-set"),
         stop_loss=args.stop_loss,
+        inference_trials=args.infer_trials,
     )
     result = run(spec)
     if result.reused:
@@ -160,7 +168,7 @@ def result_table(selected: dict, final: dict) -> str:
         for split in ("train", "val", "test")
         if f"{split}_{metrics[0][0]}" in selected
     ]
-    return tabulate(rows, headers=headers, floatfmt=".4g")
+    return tabulate(rows, headers=headers, floatfmt=".3f" if len(metrics) > 1 else ".4g")
 
 
 def command_experiment(args: argparse.Namespace) -> int:

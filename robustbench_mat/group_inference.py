@@ -29,8 +29,10 @@ class InferredGroups:
     """Held-out logits and inferred spurious attributes of one dataset, in dataset order.
 
     `train_heldout_logits[i]` are the logits, for training example i, of a model that did not
-    train on it. `train_attribute` and `val_attribute` are the inferred attributes (for XRM,
-    1 where a twin misclassifies the example), so the inferred group is y * n_attributes + a.
+    train on it. `train_attribute` and `val_attribute` are the inferred attributes (for XRM, 1
+    where a twin misclassifies the example), so the inferred group is y * n_attributes + a.
+    `score` ranks inference runs without group labels (XRM: the final flip rate, 0 for a
+    degenerate run); a consumer takes the inference run with the highest.
     """
 
     inferrer: str
@@ -43,6 +45,7 @@ class InferredGroups:
     val_attribute: torch.Tensor
     n_attributes: int = 2
     degenerate: bool = False
+    score: float = 0.0
     stats: dict[str, float] = field(default_factory=dict)
     version: int = FORMAT_VERSION
 

@@ -91,6 +91,17 @@ def resolve(
     return values
 
 
+def sample_configurations(
+    space: Mapping[str, BaseDistribution], n: int, seed: int = 0
+) -> list[dict[str, Any]]:
+    """`n` configurations drawn at random from `space` (Optuna's RandomSampler, seeded)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    return [study.ask(dict(space)).params for _ in range(n)]
+
+
 def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:
     """`["lr=0.1", "steps=10"]` -> `{"lr": "0.1", "steps": "10"}`."""
     parsed: dict[str, str] = {}

@@ -22,7 +22,7 @@ import torch
 from robustbench_mat.data import BenchmarkDataset, stable_hash
 from robustbench_mat.errors import RunFailed, UserError
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
-from robustbench_mat.hparams import resolve
+from robustbench_mat.hparams import resolve, sample_configurations
 from robustbench_mat.method import Method
 from robustbench_mat.regimes import (
     Regime,
@@ -75,6 +75,7 @@ class RunSpec:
     num_workers: int = 0
     inference_hparams: dict[str, Any] = field(default_factory=dict)
     stop_loss: float | None = None
+    inference_trials: int = 1
 
 
 @dataclass
@@ -120,6 +121,7 @@ class RunPlan:
                 "device": self.device.type,
                 "inferrer": self.inferrer,
                 "inference_hparams": self.spec.inference_hparams if self.inferrer else {},
+                "inference_trials": self.spec.inference_trials if self.inferrer else 1,
                 "stop_loss": self.spec.stop_loss,
             }
         )
@@ -238,8 +240,11 @@ def plan(spec: RunSpec) -> RunPlan:
         resolve_workdir(spec.workdir),
     )
     if the_plan.inferrer is not None:
-        plan(inference_spec(the_plan))  # bad inference settings fail before anything starts
-    elif spec.inference_hparams:
+        if spec.inference_trials < 1:
+            raise UserError(f"--infer-trials must be at least 1, got {spec.inference_trials}")
+        for inference in inference_specs(the_plan):
+            plan(inference)  # bad inference settings fail before anything starts
+    elif spec.inference_hparams or spec.inference_trials != 1:
         raise UserError(
             f"--infer-set applies to methods that infer groups first (mat, xrm) or to the "
             f"val_inferred_* criteria; {method_cls.name!r} with {criterion!r} infers none"
@@ -287,41 +292,62 @@ def run(spec: RunSpec) -> RunResult:
 
 
 def obtain_inferred_groups(the_plan: RunPlan) -> tuple[InferredGroups, RunResult]:
-    """The inferred groups `the_plan` needs: from an identical finished inference run, else from
-    a new one (on the same dataset, dataset parameters, seed, device and work directory)."""
+    """The inferred groups `the_plan` needs, from the best of its inference runs by the
+    inferrer's label-free score (XRM: the final flip rate). Each inference run is an ordinary
+    run, so an identical finished one is reused instead of trained again."""
     spec = the_plan.spec
-    inference = inference_spec(the_plan)
-    inference_plan = plan(inference)
-    artifact = inference_plan.run_dir / ARTIFACT_NAME
-    if not (inference_plan.run_dir / "result.json").exists() and spec.show_progress:
-        print(
-            f"{the_plan.method_name} needs groups inferred by {the_plan.inferrer}: "
-            f"running {the_plan.inferrer} on {the_plan.dataset.name} (seed {spec.seed}) first",
-            flush=True,
+    candidates = []
+    for inference in inference_specs(the_plan):
+        inference_plan = plan(inference)
+        artifact = inference_plan.run_dir / ARTIFACT_NAME
+        if not (inference_plan.run_dir / "result.json").exists() and spec.show_progress:
+            print(
+                f"{the_plan.method_name} needs groups inferred by {the_plan.inferrer}: running "
+                f"{the_plan.inferrer} on {the_plan.dataset.name} (seed {spec.seed}, "
+                f"{inference.hparams or 'default settings'})",
+                flush=True,
+            )
+        result = run(inference)
+        if not artifact.exists():
+            raise RunFailed(f"{the_plan.inferrer} finished without writing {artifact}")
+        candidates.append((InferredGroups.load(artifact), result))
+    return max(candidates, key=lambda candidate: candidate[0].score)
+
+
+def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
+    """The group-inference runs that `the_plan` chooses from: one with the inferrer's defaults,
+    or `inference_trials` configurations drawn from its search space; `inference_hparams` are
+    fixed in all of them."""
+    spec = the_plan.spec
+    configurations = [dict(spec.inference_hparams)]
+    if spec.inference_trials > 1:
+        inferrer = METHODS.get(the_plan.inferrer)
+        space = {
+            name: distribution
+            for name, distribution in inferrer.search_space(the_plan.dataset).items()
+            if name not in spec.inference_hparams
+        }
+        configurations = [
+            {**sampled, **spec.inference_hparams}
+            for sampled in sample_configurations(space, spec.inference_trials)
+        ]
+    return [
+        RunSpec(
+            method=the_plan.inferrer,
+            dataset=the_plan.dataset.name,
+            seed=spec.seed,
+            regime="none",
+            device=spec.device,
+            hparams=configuration,
+            data_params=dict(the_plan.dataset.config),
+            data_dir=spec.data_dir,
+            workdir=the_plan.workdir,
+            kind="group-inference",
+            show_progress=spec.show_progress,
+            num_workers=spec.num_workers,
         )
-    result = run(inference)
-    if not artifact.exists():
-        raise RunFailed(f"{the_plan.inferrer} finished without writing {artifact}")
-    return InferredGroups.load(artifact), result
-
-
-def inference_spec(the_plan: RunPlan) -> RunSpec:
-    """The group-inference run that `the_plan` consumes."""
-    spec = the_plan.spec
-    return RunSpec(
-        method=the_plan.inferrer,
-        dataset=the_plan.dataset.name,
-        seed=spec.seed,
-        regime="none",
-        device=spec.device,
-        hparams=dict(spec.inference_hparams),
-        data_params=dict(the_plan.dataset.config),
-        data_dir=spec.data_dir,
-        workdir=the_plan.workdir,
-        kind="group-inference",
-        show_progress=spec.show_progress,
-        num_workers=spec.num_workers,
-    )
+        for configuration in configurations
+    ]
 
 
 def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunResult:
@@ -334,6 +360,7 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
             {
                 "robustbench.inferred_groups.run_id": source.run_id,
                 "robustbench.inferred_groups.method": the_plan.inferrer,
+                "robustbench.inferred_groups.score": inferred.score,
             },
         )
     seed_everything(spec.seed)
