@@ -86,7 +86,9 @@ class GoodBadUgly(BenchmarkDataset):
     def loss(self, outputs: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(outputs.squeeze(1), y)
 
-    def metrics(self, split: GroupedSplit, outputs: torch.Tensor, train_weights) -> dict:
+    def metrics(
+        self, split: GroupedSplit, outputs: torch.Tensor, train_weights: torch.Tensor | None
+    ) -> dict[str, float]:
         return regression_metrics(split, outputs)
 
     def eval_groups(self, split: str, y: torch.Tensor, a: torch.Tensor) -> EvalGroups:

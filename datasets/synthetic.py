@@ -48,10 +48,15 @@ class Synthetic(BenchmarkDataset):
         "seed": HParam(1234, "seed of the data; split s uses seed + {train: 0, val: 1, test: 2}"),
     }
 
-    def load_split(self, split: str) -> SplitArrays:
+    def check_config(self) -> None:
         c = self.config
         if c["dim"] < 2 or c["n"] < 1:
             raise UserError(f"dataset synthetic needs dim >= 2 and n >= 1, got {c}")
+        if not (0.0 <= c["majority"] <= 1.0 and 0.0 <= c["eval_majority"] <= 1.0):
+            raise UserError("dataset synthetic: majority and eval_majority must be in [0, 1]")
+
+    def load_split(self, split: str) -> SplitArrays:
+        c = self.config
         n = c["n"]
         generator = torch.Generator().manual_seed(c["seed"] + _SPLIT_OFFSET[split])
         y = torch.bernoulli(torch.full((n,), 0.5), generator=generator).long()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from optuna.distributions import FloatDistribution
 
+from robustbench_mat.data import BenchmarkDataset
 from robustbench_mat.evaluation import metric_key
 from robustbench_mat.hparams import HParam
 from robustbench_mat.method import Batch, Method
@@ -32,7 +35,7 @@ class GroupDRO(Method):
         ),
     }
 
-    def __init__(self, dataset, hparams) -> None:
+    def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__(dataset, hparams)
         n_groups = len(self.train_group_names())
         self.register_buffer("group_weights", torch.full((n_groups,), 1.0 / n_groups))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from optuna.distributions import CategoricalDistribution
@@ -11,6 +13,9 @@ from robustbench_mat.group_inference import InferredGroups
 from robustbench_mat.hparams import HParam
 from robustbench_mat.method import Batch, Method
 from robustbench_mat.registry import register_method
+
+if TYPE_CHECKING:
+    from robustbench_mat.runner import RunContext
 
 LOG_EPSILON = 1e-6
 
@@ -68,7 +73,7 @@ class MAT(Method):
         ),
     }
 
-    def prepare(self, context) -> None:
+    def prepare(self, context: RunContext) -> None:
         inferred: InferredGroups = context.inferred
         y = self.dataset.split("train").y
         heldout = inferred.train_heldout_logits

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustbench_mat.data import BenchmarkDataset
 from robustbench_mat.evaluation import predict
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
 from robustbench_mat.hparams import HParam
 from robustbench_mat.method import Batch, Method
 from robustbench_mat.methods.groupdro import GroupDRO
 from robustbench_mat.registry import register_method
+
+if TYPE_CHECKING:
+    from robustbench_mat.runner import RunContext
+    from robustbench_mat.training import LoopResult
 
 XRM_PAPER = "Pezeshki et al. 2024, Discovering Environments with XRM (ICML)"
 
@@ -22,7 +29,7 @@ def flip_probability(confidence: torch.Tensor, n_classes: int) -> torch.Tensor:
     return ((confidence - 1.0 / n_classes) * n_classes / (n_classes - 1)).clamp(0.0, 1.0)
 
 
-def cross_mistakes(logits_a: torch.Tensor, logits_b: torch.Tensor, y: torch.Tensor):
+def cross_mistakes(logits_a: torch.Tensor, logits_b: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """1 where either twin misclassifies the example (with its true label), else 0."""
     return ((logits_a.argmax(1) != y) | (logits_b.argmax(1) != y)).long()
 
@@ -49,7 +56,7 @@ class XRMGroupInference(Method):
         ),
     }
 
-    def __init__(self, dataset, hparams) -> None:
+    def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__(dataset, hparams)
         y = dataset.split("train").y
         self.register_buffer("assignment", torch.rand(len(y)) < 0.5)  # True: twin 0's half
@@ -60,7 +67,9 @@ class XRMGroupInference(Method):
     def build_model(self) -> nn.Module:
         return nn.ModuleList([self.dataset.build_model(), self.dataset.build_model()])
 
-    def _held_in_and_out(self, x: torch.Tensor, indices: torch.Tensor):
+    def _held_in_and_out(
+        self, x: torch.Tensor, indices: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits_a, logits_b = self.model[0](x), self.model[1](x)
         mine = self.assignment[indices][:, None]
         return torch.where(mine, logits_a, logits_b), torch.where(mine, logits_b, logits_a)
@@ -93,7 +102,7 @@ class XRMGroupInference(Method):
     def logged_state(self) -> dict[str, float]:
         return {"flip_rate": self.flip_rate()}
 
-    def finish(self, context, outcome) -> None:
+    def finish(self, context: RunContext, outcome: LoopResult) -> None:
         device = context.plan.device
         self.eval()
         logits = {}
@@ -151,7 +160,7 @@ class XRM(GroupDRO):
     def train_group_names(self) -> list[str]:
         return [f"{c}/inferred{a}" for c in self.dataset.class_names for a in range(2)]
 
-    def prepare(self, context) -> None:
+    def prepare(self, context: RunContext) -> None:
         inferred: InferredGroups = context.inferred
         y = self.dataset.split("train").y
         self.register_buffer("inferred_groups", inferred.group_ids("train", y), persistent=False)

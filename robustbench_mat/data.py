@@ -105,9 +105,13 @@ class BenchmarkDataset:
     def __init__(self, data_dir: str | Path | None = None, **params: Any) -> None:
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.config = resolve(self.params, params, f"dataset {self.name!r}")
+        self.check_config()
         self._splits: dict[str, GroupedSplit] = {}
 
     # --- what a plugin implements -------------------------------------------------------------
+    def check_config(self) -> None:
+        """Raise `UserError` for parameter values that cannot work (called on construction)."""
+
     def load_split(self, split: str) -> SplitArrays:
         raise NotImplementedError
 

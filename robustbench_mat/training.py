@@ -315,13 +315,10 @@ def train(
                     best, best_state = record, _cpu_copy(method.state_dict())
                 if on_eval is not None:
                     on_eval(record)
-                bar.set_postfix(
-                    {
-                        "loss": f"{record['train_loss']:.4g}",
-                        settings.criterion: f"{record[settings.criterion]:.3f}",
-                    },
-                    refresh=False,
-                )
+                shown = dict.fromkeys(("val_wga", settings.criterion))
+                postfix = {"loss": f"{record['train_loss']:.4g}"}
+                postfix.update({k: f"{record[k]:.3f}" for k in shown if k in record})
+                bar.set_postfix(postfix, refresh=False)
             if step % checkpoint_every == 0 or last:
                 checkpoint(step)
             if stopped:
