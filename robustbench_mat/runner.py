@@ -7,6 +7,7 @@ is identified by a key hashed from everything that determines its numbers; its d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -32,9 +33,10 @@ from robustbench_mat.regimes import (
     get_regime,
 )
 from robustbench_mat.registry import DATASETS, METHODS
-from robustbench_mat.tracking import TAGS, Tracker, resolve_workdir
+from robustbench_mat.tracking import HISTORY_PREFIX, TAGS, Tracker, resolve_workdir
 from robustbench_mat.training import (
     CheckpointStore,
+    LoopResult,
     LoopSettings,
     resolve_device,
     seed_everything,
@@ -173,11 +175,34 @@ class RunContext:
     plan: RunPlan
     tracker: Tracker
     run_id: str
+    settings: LoopSettings
     inferred: InferredGroups | None = None
 
     @property
     def run_dir(self) -> Path:
         return self.plan.run_dir
+
+    def train_stage(
+        self, name: str, method: Method, steps: int, eval_every: int | None = None
+    ) -> LoopResult:
+        """Train `method` (e.g. JTT's first model) on the shared loop for `steps` steps, with its
+        own checkpoint in the run directory, so that a resumed run does not train it again.
+        Its evaluations are logged under `<name>/history/...`; the model is left in its final
+        state and the returned result holds the selected one."""
+        settings = dataclasses.replace(
+            self.settings,
+            steps=steps,
+            eval_every=min(eval_every or self.settings.eval_every, steps),
+            description=f"{self.settings.description}, {name}",
+            stop_loss=None,
+        )
+        outcome = train(
+            method, self.plan.dataset, settings, CheckpointStore(self.run_dir / f"{name}.pt")
+        )
+        self.tracker.log_many(
+            self.run_id, [(r["step"], r) for r in outcome.history], f"{name}/{HISTORY_PREFIX}"
+        )
+        return outcome
 
 
 @dataclass
@@ -363,10 +388,6 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
                 "robustbench.inferred_groups.score": inferred.score,
             },
         )
-    seed_everything(spec.seed)
-    method = the_plan.method_cls(the_plan.dataset, the_plan.hparams)
-    context = RunContext(the_plan, tracker, run_id, inferred)
-    method.prepare(context)
     settings = LoopSettings(
         steps=the_plan.steps,
         eval_every=the_plan.eval_every,
@@ -386,6 +407,10 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
             "val", the_plan.dataset.split("val").y, the_plan.dataset.class_names
         ),
     )
+    seed_everything(spec.seed)
+    method = the_plan.method_cls(the_plan.dataset, the_plan.hparams)
+    context = RunContext(the_plan, tracker, run_id, settings, inferred)
+    method.prepare(context)
     run_dir = the_plan.run_dir
     evaluations = math.ceil(the_plan.steps / the_plan.eval_every)
     stride = tracker.history_stride(evaluations)
