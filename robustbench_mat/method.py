@@ -65,6 +65,7 @@ class Method(nn.Module):
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     needs_train_groups: ClassVar[bool] = False
+    needs_val_groups: ClassVar[bool] = False
     group_inference: ClassVar[str | None] = None
     hparams: ClassVar[dict[str, HParam]] = {}
 
@@ -110,6 +111,10 @@ class Method(nn.Module):
 
     def finish(self, context: RunContext, outcome: LoopResult) -> None:
         """Called once after training, with the model in its final state."""
+
+    def train_split(self) -> GroupedSplit:
+        """The examples the main loop trains on (DFR trains on validation data)."""
+        return self.dataset.split("train")
 
     def train_weights(self, train: GroupedSplit) -> torch.Tensor | None:
         """Per-example sampling weights (drawn with replacement), or None for uniform."""

@@ -52,16 +52,29 @@ def default_regime(needs_train_groups: bool) -> Regime:
     return REGIMES["full" if needs_train_groups else "val-only"]
 
 
-def allowed_regimes(needs_train_groups: bool) -> list[str]:
-    return [r.name for r in REGIMES.values() if r.train_groups or not needs_train_groups]
+def allowed_regimes(needs_train_groups: bool, needs_val_groups: bool = False) -> list[str]:
+    """The regimes that give a method the group labels it needs."""
+    return [
+        r.name
+        for r in REGIMES.values()
+        if (r.train_groups or not needs_train_groups) and (r.val_groups or not needs_val_groups)
+    ]
 
 
-def check_allowed(method_name: str, needs_train_groups: bool, regime: Regime) -> None:
-    if needs_train_groups and not regime.train_groups:
-        raise UserError(
-            f"method {method_name!r} needs training group labels, which regime {regime.name!r} "
-            f"withholds; it can run in: {', '.join(allowed_regimes(True))}"
-        )
+def check_allowed(
+    method_name: str, needs_train_groups: bool, regime: Regime, needs_val_groups: bool = False
+) -> None:
+    """Refuse a method in a regime that withholds group labels the method needs."""
+    for needed, given, which in (
+        (needs_train_groups, regime.train_groups, "training"),
+        (needs_val_groups, regime.val_groups, "validation"),
+    ):
+        if needed and not given:
+            allowed = allowed_regimes(needs_train_groups, needs_val_groups)
+            raise UserError(
+                f"method {method_name!r} needs {which} group labels, which regime "
+                f"{regime.name!r} withholds; it can run in: {', '.join(allowed)}"
+            )
 
 
 def check_criterion_allowed(criterion: str, regime: Regime) -> None:

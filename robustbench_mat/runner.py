@@ -232,7 +232,9 @@ def plan(spec: RunSpec) -> RunPlan:
     regime = (
         get_regime(spec.regime) if spec.regime else default_regime(method_cls.needs_train_groups)
     )
-    check_allowed(method_cls.name, method_cls.needs_train_groups, regime)
+    check_allowed(
+        method_cls.name, method_cls.needs_train_groups, regime, method_cls.needs_val_groups
+    )
     criterion = spec.criterion or dataset.default_criterion or regime.default_criterion
     if spec.criterion is None and not regime.val_groups and method_cls.group_inference:
         criterion = "val_inferred_wga"

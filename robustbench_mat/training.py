@@ -202,11 +202,11 @@ def train(
     torch.set_num_threads(torch.get_num_threads())
     method.to(device)
     optimizer = method.configure_optimizer()
-    train_split = dataset.split("train")
+    train_split = method.train_split()
     eval_splits = [dataset.split(s) for s in ("val", "test")]
     if settings.evaluate_train:
-        eval_splits.insert(0, train_split)
-    weights = train_group_weights(train_split)
+        eval_splits.insert(0, dataset.split("train"))
+    weights = train_group_weights(dataset.split("train"))
     schedule = BatchSchedule(
         len(train_split),
         int(method.hp["batch_size"]),

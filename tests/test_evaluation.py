@@ -244,3 +244,5 @@ def test_methods_needing_training_groups_are_refused_in_other_regimes():
     check_allowed("erm", False, get_regime("none"))
     with pytest.raises(UserError, match="'groupdro' needs training group labels.*: full$"):
         check_allowed("groupdro", True, get_regime("val-only"))
+    with pytest.raises(UserError, match="'dfr' needs validation group labels.*: full, val-only$"):
+        check_allowed("dfr", False, get_regime("none"), needs_val_groups=True)
