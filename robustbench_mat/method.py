@@ -67,6 +67,8 @@ class Method(nn.Module):
     needs_train_groups: ClassVar[bool] = False
     needs_val_groups: ClassVar[bool] = False
     group_inference: ClassVar[str | None] = None
+    infers_groups: ClassVar[bool] = False  # writes an InferredGroups artifact in `finish`
+    inferred_groups_variant: ClassVar[str | None] = None  # the method to use without groups
     hparams: ClassVar[dict[str, HParam]] = {}
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
@@ -115,6 +117,11 @@ class Method(nn.Module):
     def train_split(self) -> GroupedSplit:
         """The examples the main loop trains on (DFR trains on validation data)."""
         return self.dataset.split("train")
+
+    def eval_split(self, split: GroupedSplit) -> GroupedSplit:
+        """The examples of `split` that the loop evaluates and selects on; all of them by default
+        (DFR keeps only the half of the validation split it did not fit on)."""
+        return split
 
     def train_weights(self, train: GroupedSplit) -> torch.Tensor | None:
         """Per-example sampling weights (drawn with replacement), or None for uniform."""

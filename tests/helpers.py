@@ -18,3 +18,45 @@ def only_run_dir(workdir: Path) -> Path:
 
 def stored_result(workdir: Path) -> dict:
     return json.loads((only_run_dir(workdir) / "result.json").read_text())
+
+
+class StageContext:
+    """A stand-in for `RunContext` for unit tests of two-stage methods: `train_stage` trains on
+    the shared loop (no checkpoint, no tracking) and records each stage's initial state."""
+
+    def __init__(self, run_dir: Path, steps: int) -> None:
+        from types import SimpleNamespace
+
+        import torch
+
+        self.run_dir, self.run_id = Path(run_dir), "test"
+        self.settings = SimpleNamespace(steps=steps)
+        self.plan = SimpleNamespace(device=torch.device("cpu"))
+        self.tracker = SimpleNamespace(log_artifact=lambda *a, **k: None,
+                                       log_metrics=lambda *a, **k: None)
+        self.stages: list[tuple[str, dict, int]] = []
+
+    def train_stage(self, name, method, steps, eval_every=None):
+        from robustbench_mat.training import LoopSettings, train
+
+        initial = {k: v.detach().clone() for k, v in method.state_dict().items()}
+        self.stages.append((name, initial, steps))
+        settings = LoopSettings(steps=steps, eval_every=steps, seed=0,
+                                device=self.plan.device, criterion="val_wga",
+                                train_groups_visible=False, show_progress=False)
+        return train(method, method.dataset, settings)
+
+
+def run_tiny(workdir: Path, method: str, **overrides):
+    """Run `method` end to end on a tiny synthetic task; assert its MLflow run FINISHED."""
+    import mlflow
+
+    from robustbench_mat.runner import RunSpec, run
+
+    spec = dict(method=method, dataset="synthetic", seed=0, steps=20, eval_every=10,
+                data_params={"n": 200, "dim": 20}, workdir=workdir, show_progress=False)
+    spec.update(overrides)
+    result = run(RunSpec(**spec))
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert client.get_run(result.run_id).info.status == "FINISHED"
+    return result

@@ -1,0 +1,151 @@
+"""AFR: Automatic Feature Reweighting."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from optuna.distributions import FloatDistribution
+
+from robustbench_mat.backbones import split_head
+from robustbench_mat.data import BenchmarkDataset, EvalGroups, GroupedSplit
+from robustbench_mat.errors import UserError
+from robustbench_mat.evaluation import predict
+from robustbench_mat.hparams import HParam
+from robustbench_mat.method import Batch, Method
+from robustbench_mat.methods.jtt import ERMStage, stage_steps
+from robustbench_mat.registry import register_method
+
+if TYPE_CHECKING:
+    from robustbench_mat.runner import RunContext
+
+
+def afr_weights(
+    p_true: torch.Tensor, y: torch.Tensor, gamma: float, n_classes: int, rebalance: bool = True
+) -> torch.Tensor:
+    """AFR's example weights: exp(-γ p_i(y_i)), times N / N_c for the example's class c when
+    `rebalance`, normalised to sum to one. Computed in float64."""
+    weights = torch.exp(-gamma * p_true.double())
+    if rebalance:
+        counts = torch.bincount(y, minlength=n_classes).double()
+        weights = weights * (len(y) / counts[y])
+    return weights / weights.sum()
+
+
+def subset_split(source: GroupedSplit, indices: torch.Tensor) -> GroupedSplit:
+    """The examples `indices` of `source`, in that order, as a split of the same name."""
+    if source.in_memory:
+        inputs = source.inputs[indices]
+    else:
+        inputs = torch.utils.data.Subset(source.inputs, indices.tolist())
+    groups = source.eval_groups
+    return GroupedSplit(
+        source.name,
+        inputs,
+        source.y[indices],
+        source.a[indices],
+        source.n_attributes,
+        EvalGroups(groups.names, groups.membership[indices]),
+    )
+
+
+@register_method("afr")
+class AFR(Method):
+    """AFR (Qiu et al. 2023): last layer retrained with weights exp(-γ p(y)) on held-out data.
+
+    Stage 1 trains ERM on a random `train_prop` of the training split for `first_stage_frac` x
+    (the run's steps) steps. Stage 2, the run's main loop, freezes the feature extractor and
+    retrains the last layer on the held-out rest of the training split, full batch, with plain
+    SGD (no momentum, no weight decay) at the run's learning rate, minimising
+    sum_i w_i CE_i + λ (|W - W0|^2 + |b - b0|^2). The weights w_i ∝ exp(-γ p_i(y_i)), with
+    p_i the stage-1 model's softmax, are class re-balanced and sum to one; (W0, b0) is the
+    stage-1 last layer, where stage 2 starts. Without a bias-free architecture change: for a
+    single linear layer (synthetic) the features are the inputs. No group label is used for
+    training; γ and λ are selected on validation worst-group accuracy (the paper's regime).
+    """
+
+    paper = (
+        "Qiu et al. 2023, Simple and Fast Group Robustness by Automatic Feature Reweighting "
+        "(ICML)"
+    )
+    hparams = {
+        "gamma": HParam(
+            14.0,
+            "γ: weights ∝ exp(-γ p(y)) of the stage-1 probability of the true label",
+            search=FloatDistribution(0.0, 20.0),
+        ),
+        "reg": HParam(
+            0.0,
+            "λ: strength of the squared ℓ2 pull of the last layer towards stage 1's",
+            search=FloatDistribution(0.0, 1.0),
+        ),
+        "train_prop": HParam(0.8, "fraction of the training split that stage 1 trains on"),
+        "first_stage_frac": HParam(
+            1.0, "stage-1 ERM length as a fraction of the run's steps (stage 2 runs them all)"
+        ),
+        "rebalance": HParam(True, "multiply the weights by N / N_c of the example's class"),
+    }
+
+    def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
+        super().__init__(dataset, hparams)
+        self.stage1_hp = hparams
+        self.hp = {**hparams, "batch_size": 0}  # stage 2 is full batch
+        n = len(self.dataset.split("train"))
+        n_stage1 = round(hparams["train_prop"] * n)
+        if not 0 < n_stage1 < n:
+            raise UserError(
+                f"afr train_prop={hparams['train_prop']} leaves no examples for one of the two "
+                f"stages of a {n}-example training split"
+            )
+        order = torch.randperm(n)  # the runner seeds the global RNG: the same split on resume
+        self.register_buffer("stage1_part", torch.sort(order[:n_stage1]).values)
+        self.register_buffer("heldout_part", torch.sort(order[n_stage1:]).values)
+        self.features, self.head = split_head(self.model)
+        self.embedded: GroupedSplit | None = None
+
+    def prepare(self, context: RunContext) -> None:
+        stage1 = ERMStage(self.dataset, self.stage1_hp, self.model, self.stage1_part.cpu())
+        context.train_stage(
+            "stage1", stage1, stage_steps(self.hp["first_stage_frac"], context.settings.steps)
+        )
+        self.features.requires_grad_(False)
+        self.eval()
+        device = context.plan.device
+        heldout = subset_split(self.dataset.split("train"), self.heldout_part.cpu())
+        embeddings = predict(self.features, heldout, device).clone()  # not an inference tensor
+        self.embedded = dataclasses.replace(heldout, name="train-heldout", inputs=embeddings)
+        with torch.no_grad():
+            p = F.softmax(self.head(embeddings.to(device)).float(), dim=1).cpu()
+        p_true = p.gather(1, heldout.y[:, None])[:, 0]
+        weights = afr_weights(
+            p_true, heldout.y, self.hp["gamma"], self.dataset.n_classes, self.hp["rebalance"]
+        )
+        self.register_buffer("weights", weights.float(), persistent=False)
+        self.register_buffer("head_init", self.head.weight.detach().clone(), persistent=False)
+        bias = self.head.bias
+        self.register_buffer(
+            "head_bias_init", None if bias is None else bias.detach().clone(), persistent=False
+        )
+
+    def train(self, mode: bool = True) -> AFR:
+        super().train(mode)
+        self.features.eval()  # frozen: batch-norm statistics stay those of stage 1
+        return self
+
+    def train_split(self) -> GroupedSplit:
+        if self.embedded is None:
+            return self.dataset.split("train")  # before `prepare` (stage 1 uses its own split)
+        return self.embedded
+
+    def configure_optimizer(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.head.parameters(), lr=self.hp["lr"], momentum=0.0)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        losses = F.cross_entropy(self.head(batch.x).float(), batch.y, reduction="none")
+        loss = (self.weights[batch.indices] * losses).sum()
+        pull = (self.head.weight.float() - self.head_init).pow(2).sum()
+        if self.head.bias is not None:
+            pull = pull + (self.head.bias.float() - self.head_bias_init).pow(2).sum()
+        return loss + self.hp["reg"] * pull

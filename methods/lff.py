@@ -1,0 +1,130 @@
+"""LfF: Learning from Failure."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from optuna.distributions import FloatDistribution
+from torch import nn
+
+from robustbench_mat.data import BenchmarkDataset
+from robustbench_mat.hparams import HParam
+from robustbench_mat.method import Batch, Method
+from robustbench_mat.registry import register_method
+
+DIFFICULTY_EPSILON = 1e-8
+
+
+def generalized_cross_entropy(logits: torch.Tensor, y: torch.Tensor, q: float) -> torch.Tensor:
+    """Per-example GCE (1 - p_y^q) / q (Zhang & Sabuncu 2018), in float32.
+
+    Its gradient is p_y^q times that of the cross-entropy, so examples the model already finds
+    easy dominate: trained with it, a network latches on to the easiest (spurious) feature.
+    """
+    log_p = F.log_softmax(logits.float(), dim=1).gather(1, y[:, None])[:, 0]
+    return (1.0 - torch.exp(q * log_p)) / q
+
+
+def relative_difficulty(loss_biased: torch.Tensor, loss_debiased: torch.Tensor) -> torch.Tensor:
+    """LfF's weight W = L_B / (L_B + L_D): near 1 where the biased model fails and the debiased
+    one does not, near 0 where the biased model is right."""
+    return loss_biased / (loss_biased + loss_debiased + DIFFICULTY_EPSILON)
+
+
+@register_method("lff")
+class LfF(Method):
+    """LfF (Nam et al. 2020): a GCE-biased network, and a debiased one weighted by its failures.
+
+    Both networks train together. The biased one minimises the generalised cross-entropy (q);
+    the debiased one minimises the cross-entropy weighted per example by
+    W = CE_B / (CE_B + CE_D), detached. With `weights=ema` (the paper) CE_B and CE_D are
+    per-example exponential moving averages (α = `ema`) of the two losses, each divided by its
+    maximum over the examples of the same class; with `weights=instant` (SubpopBench's variant)
+    they are the current minibatch losses. Evaluation uses the debiased network.
+    """
+
+    paper = (
+        "Nam et al. 2020, Learning from Failure: Training Debiased Classifier from Biased "
+        "Classifier (NeurIPS)"
+    )
+    hparams = {
+        "q": HParam(
+            0.7, "GCE exponent q of the biased network", search=FloatDistribution(0.05, 0.95)
+        ),
+        "ema": HParam(
+            0.7,
+            "α of the per-example moving averages of the losses (weights=ema)",
+            search=FloatDistribution(0.5, 0.99),
+        ),
+        "weights": HParam(
+            "ema",
+            "ema: W from class-normalised per-example loss EMAs (the paper); instant: from the "
+            "minibatch losses (SubpopBench)",
+            choices=("ema", "instant"),
+        ),
+    }
+
+    def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
+        super().__init__(dataset, hparams)
+        y = self.train_split().y
+        self.register_buffer("labels", y.clone(), persistent=False)
+        self.register_buffer("ema_biased", torch.zeros(len(y)))
+        self.register_buffer("ema_debiased", torch.zeros(len(y)))
+        self.register_buffer("ema_seen", torch.zeros(len(y), dtype=torch.bool))
+        self._mean_weight = float("nan")
+
+    def build_model(self) -> nn.Module:
+        return nn.ModuleDict(
+            {"biased": self.dataset.build_model(), "debiased": self.dataset.build_model()}
+        )
+
+    @torch.no_grad()
+    def update_ema(
+        self, indices: torch.Tensor, loss_biased: torch.Tensor, loss_debiased: torch.Tensor
+    ) -> None:
+        """Move the examples' averages towards their current losses (set on first sight)."""
+        alpha = self.hp["ema"]
+        seen = self.ema_seen[indices]
+        for ema, loss in ((self.ema_biased, loss_biased), (self.ema_debiased, loss_debiased)):
+            ema[indices] = torch.where(seen, alpha * ema[indices] + (1 - alpha) * loss, loss)
+        self.ema_seen[indices] = True
+
+    @torch.no_grad()
+    def class_normalised(self, ema: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The examples' averages divided by the largest average of their class."""
+        n_classes = self.dataset.n_classes
+        class_max = torch.zeros(n_classes, device=ema.device).scatter_reduce(
+            0, self.labels, ema, "amax", include_self=False
+        )
+        return ema[indices] / class_max[self.labels[indices]].clamp(min=DIFFICULTY_EPSILON)
+
+    @torch.no_grad()
+    def example_weights(
+        self, indices: torch.Tensor, loss_biased: torch.Tensor, loss_debiased: torch.Tensor
+    ) -> torch.Tensor:
+        """W of the batch's examples from their current (detached, float32) losses."""
+        if self.hp["weights"] == "instant":
+            return relative_difficulty(loss_biased, loss_debiased)
+        self.update_ema(indices, loss_biased, loss_debiased)
+        return relative_difficulty(
+            self.class_normalised(self.ema_biased, indices),
+            self.class_normalised(self.ema_debiased, indices),
+        )
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        logits_biased = self.model["biased"](batch.x)
+        logits_debiased = self.model["debiased"](batch.x)
+        ce_biased = F.cross_entropy(logits_biased.float(), batch.y, reduction="none")
+        ce_debiased = F.cross_entropy(logits_debiased.float(), batch.y, reduction="none")
+        weights = self.example_weights(batch.indices, ce_biased.detach(), ce_debiased.detach())
+        self._mean_weight = weights.mean().item()
+        gce = generalized_cross_entropy(logits_biased, batch.y, self.hp["q"])
+        return (ce_debiased * weights).mean() + gce.mean()
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model["debiased"](x)
+
+    def logged_state(self) -> dict[str, float]:
+        return {"lff_mean_weight": self._mean_weight}

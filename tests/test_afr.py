@@ -1,0 +1,97 @@
+"""AFR retrains the last layer on held-out data weighted by exp(-γ p(y))."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import StageContext, run_tiny
+from torch import nn
+
+from robustbench_mat.backbones import mlp, split_head
+from robustbench_mat.errors import UserError
+from robustbench_mat.methods.afr import AFR, afr_weights
+from robustbench_mat.registry import DATASETS
+
+
+def test_weights_decrease_with_the_true_label_probability_and_sum_to_one() -> None:
+    p = torch.tensor([0.9, 0.5, 0.1, 0.9, 0.2])
+    y = torch.tensor([0, 0, 0, 1, 1])
+    w = afr_weights(p, y, gamma=2.0, n_classes=2, rebalance=False)
+    assert w.sum().item() == pytest.approx(1.0)
+    assert w[0] < w[1] < w[2] and w[3] < w[4]
+    expected = torch.exp(-2.0 * p.double())
+    torch.testing.assert_close(w, expected / expected.sum())
+    # Re-balanced: each class-c weight is multiplied by N / N_c (5/3 for class 0, 5/2 for 1).
+    balanced = afr_weights(p, y, gamma=2.0, n_classes=2)
+    assert balanced.sum().item() == pytest.approx(1.0)
+    assert (balanced[3] / balanced[0]).item() == pytest.approx(3 / 2)
+    assert balanced[0] < balanced[1] < balanced[2]
+
+
+def test_gamma_zero_gives_uniform_weights() -> None:
+    w = afr_weights(torch.rand(8), torch.zeros(8, dtype=torch.long), 0.0, 2)
+    torch.testing.assert_close(w, torch.full((8,), 1 / 8, dtype=torch.double))
+
+
+def test_split_head_of_a_linear_layer_and_of_a_sequential() -> None:
+    linear = nn.Linear(3, 2)
+    features, head = split_head(linear)
+    assert isinstance(features, nn.Identity) and head is linear
+    net = mlp(3, 2, hidden=(5,))
+    features, head = split_head(net)
+    assert head is net[-1] and features[0] is net[0]
+    with pytest.raises(UserError, match="last layer"):
+        split_head(nn.ReLU())
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    dataset = DATASETS.get("synthetic")(n=200, dim=20)
+    hparams = {k: spec.default for k, spec in AFR.hparam_specs(dataset).items()}
+    hparams.update(first_stage_frac=0.5, reg=0.3)
+    torch.manual_seed(0)
+    method = AFR(dataset, hparams)
+    context = StageContext(tmp_path_factory.mktemp("afr"), steps=40)
+    method.prepare(context)
+    return dataset, method
+
+
+def test_stage2_data_is_the_held_out_part_weighted_by_stage1(prepared) -> None:
+    dataset, method = prepared
+    train = dataset.split("train")
+    assert len(method.stage1_part) == 160 and len(method.heldout_part) == 40
+    assert not set(method.stage1_part.tolist()) & set(method.heldout_part.tolist())
+    stage2 = method.train_split()
+    assert len(stage2) == 40 and torch.equal(stage2.y, train.y[method.heldout_part])
+    assert method.hp["batch_size"] == 0  # full batch
+    with torch.no_grad():
+        p = torch.softmax(method.model(train.inputs[method.heldout_part]), 1)
+    p_true = p.gather(1, stage2.y[:, None])[:, 0]
+    expected = afr_weights(p_true, stage2.y, method.hp["gamma"], 2).float()
+    torch.testing.assert_close(method.weights, expected)
+
+
+def test_stage2_trains_only_the_head_from_stage1_with_an_l2_pull(prepared) -> None:
+    dataset, method = prepared
+    optimizer = method.configure_optimizer()
+    (params,) = [group["params"] for group in optimizer.param_groups]
+    assert params == list(method.head.parameters())
+    torch.testing.assert_close(method.head_init, method.head.weight.detach())
+    stage2 = method.train_split()
+    from robustbench_mat.method import Batch
+
+    batch = Batch(torch.arange(len(stage2)), stage2.inputs, stage2.y, None, 2)
+    base = method.loss(batch)
+    with torch.no_grad():
+        method.head.weight.add_(0.1)
+    moved = method.loss(batch)
+    ce = torch.nn.functional.cross_entropy(method.head(stage2.inputs), stage2.y, reduction="none")
+    torch.testing.assert_close(moved, (method.weights * ce).sum() + 0.3 * 0.1**2 * 40)
+    with torch.no_grad():
+        method.head.weight.sub_(0.1)
+    torch.testing.assert_close(method.loss(batch), base)
+
+
+def test_afr_runs_end_to_end(workdir) -> None:
+    result = run_tiny(workdir, "afr")
+    assert result.regime == "val-only"
