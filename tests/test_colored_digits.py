@@ -1,0 +1,37 @@
+"""colored-digits: construction, group sizes, and ERM's spurious reliance."""
+
+from __future__ import annotations
+
+import torch
+
+from robustbench_mat.datasets.colored_digits import ColoredDigits
+from robustbench_mat.runner import RunSpec, run
+
+
+def test_construction_and_group_sizes():
+    dataset = ColoredDigits()
+    expected = {
+        "train": [469, 24, 26, 481],
+        "val": [91, 102, 96, 108],
+        "test": [103, 112, 88, 97],
+    }
+    for split, counts in expected.items():
+        part = dataset.split(split)
+        assert part.inputs.shape == (sum(counts), 3, 8, 8)
+        assert torch.bincount(part.g, minlength=4).tolist() == counts
+        # the ink is in the channel of the colour, and only there
+        ink = part.inputs.sum((2, 3))
+        assert torch.equal(ink.argmax(1), part.a)
+        assert (ink[:, 2] == 0).all()
+    train = dataset.split("train")
+    assert int((train.y == train.a).sum()) == 950
+
+
+def test_erm_leans_on_the_colour(workdir):
+    spec = RunSpec(
+        method="erm", dataset="colored-digits", workdir=workdir, show_progress=False, steps=300
+    )
+    result = run(spec)
+    test = result.selected
+    assert test["test_avg"] > 0.7
+    assert test["test_wga"] < test["test_avg"] - 0.1
