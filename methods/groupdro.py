@@ -27,6 +27,7 @@ class GroupDRO(Method):
 
     paper = "Sagawa et al. 2020, Distributionally Robust Neural Networks for Group Shifts (ICLR)"
     needs_train_groups = True
+    inferred_groups_variant = "xrm"  # GroupDRO on XRM-inferred groups
     hparams = {
         "eta": HParam(
             1e-2,

@@ -47,6 +47,7 @@ class XRMGroupInference(Method):
     """
 
     paper = XRM_PAPER
+    infers_groups = True
     hparams = {
         "held_in_loss": HParam(
             "class-balanced",
@@ -155,6 +156,7 @@ class XRM(GroupDRO):
 
     paper = XRM_PAPER
     needs_train_groups = False
+    inferred_groups_variant = None
     group_inference = "xrm-infer"
 
     def train_group_names(self) -> list[str]:

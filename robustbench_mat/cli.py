@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from tabulate import tabulate
 
@@ -32,7 +33,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "--stop-loss", type=float, help="stop early once the training loss falls below this"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    parser.add_argument("--data-dir", help="where datasets live (default ./data)")
+    parser.add_argument(
+        "--data-dir", help="where datasets live (default $ROBUSTBENCH_MAT_DATA or ./data)"
+    )
     parser.add_argument(
         "--workdir",
         help="runs, checkpoints and the MLflow store "
@@ -109,7 +112,240 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the PNG files (the table is still written)",
     )
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_commands(commands)
+    _add_tuning_commands(commands)
+    board = commands.add_parser("leaderboard", help="the table of final runs, from MLflow")
+    board.add_argument("--workdir", help="as for `run`")
+    board.add_argument("--format", default="markdown", choices=("markdown", "html", "latex", "csv"))
+    board.add_argument("--out", help="also write the table to this file")
+    board.add_argument(
+        "--published",
+        action="store_true",
+        help="add the MAT paper's published rows, marked as such",
+    )
+    board.add_argument(
+        "--average",
+        default="plain",
+        choices=("plain", "train-weighted"),
+        help="which average accuracy to show (default plain)",
+    )
+    board.add_argument("--datasets", nargs="+", help="columns (default: every measured one)")
+    ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 for the work directory")
+    ui.add_argument("--workdir", help="as for `run`")
+    ui.add_argument("--port", type=int, default=5000)
     return parser
+
+
+def command_leaderboard(args: argparse.Namespace) -> int:
+    from robustbench_mat.leaderboard.table import build, record
+    from robustbench_mat.tracking import resolve_workdir, tracking_uri
+
+    workdir = resolve_workdir(args.workdir)
+    board = build(tracking_uri(workdir), args.average, args.published, args.datasets)
+    if board.cells.empty:
+        raise UserError(
+            f"no finished final runs in {tracking_uri(workdir)}; run `robustbench-mat tune` or "
+            "`sweep` first (plain `run`s and tuning trials are not on the leaderboard)"
+        )
+    text = board.render(args.format)
+    print(board.header() + "\n")
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    path, run_id = record(board, workdir, board.render("markdown"))
+    print(f"\nwritten to {path}; logged as MLflow run {run_id} (experiment 'leaderboard')")
+    return 0
+
+
+def command_ui(args: argparse.Namespace) -> int:
+    from robustbench_mat.tracking import resolve_workdir, serve_ui
+
+    return serve_ui(resolve_workdir(args.workdir), args.port)
+
+
+def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
+    tune = commands.add_parser(
+        "tune", help="tune one method with Optuna, then re-run the best settings over seeds"
+    )
+    tune.add_argument("--method", required=True, help="method name (see `list`)")
+    tune.add_argument("--dataset", required=True, help="dataset name (see `list`)")
+    tune.add_argument("--regime", choices=list(REGIMES), help="as for `run`")
+    sweep = commands.add_parser(
+        "sweep", help="tune every allowed (method, dataset, regime) combination"
+    )
+    sweep.add_argument("--methods", nargs="+", required=True)
+    sweep.add_argument("--datasets", nargs="+", required=True)
+    sweep.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
+    for sub in (tune, sweep):
+        sub.add_argument("--trials", type=int, default=20, help="finished trials (default 20)")
+        sub.add_argument("--seeds", type=int, default=3, help="seeds of the best settings")
+        sub.add_argument("--criterion", help="selection criterion (default: the regime's)")
+        sub.add_argument("--steps", type=int, help="training steps per run")
+        sub.add_argument("--eval-every", type=int, help="steps between evaluations")
+        sub.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        sub.add_argument("--data-dir", help="where datasets live")
+        sub.add_argument("--workdir", help="as for `run`")
+        sub.add_argument(
+            "--set",
+            dest="hparams",
+            action="extend",
+            nargs="+",
+            metavar="KEY=VALUE",
+            help="settings fixed in every trial",
+        )
+        sub.add_argument(
+            "--data",
+            dest="data_params",
+            action="extend",
+            nargs="+",
+            metavar="KEY=VALUE",
+            help="dataset parameters",
+        )
+        sub.add_argument(
+            "--infer-set",
+            dest="inference_hparams",
+            action="extend",
+            nargs="+",
+            metavar="KEY=VALUE",
+            help="settings of the XRM group-inference runs",
+        )
+        sub.add_argument(
+            "--storage",
+            help="Optuna storage URL (default sqlite in the workdir; "
+            "postgresql://... to share a study between machines)",
+        )
+        sub.add_argument(
+            "--grid",
+            choices=("paper",),
+            help="the 10 seeded configurations of the MAT/XRM code instead of TPE",
+        )
+        sub.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+        sub.add_argument(
+            "--launcher",
+            default="local",
+            choices=("local", "slurm", "submitit-local"),
+            help="where workers run (slurm: via submitit)",
+        )
+        sub.add_argument(
+            "--slurm",
+            action="extend",
+            nargs="+",
+            metavar="KEY=VALUE",
+            help="submitit Slurm parameters, e.g. partition=gpu time=240",
+        )
+        sub.add_argument(
+            "--no-prune",
+            dest="prune",
+            action="store_false",
+            help="never stop a trial early (default: median pruner)",
+        )
+        sub.add_argument("--sampler-seed", type=int, default=0, help="TPE seed (default 0)")
+        sub.add_argument(
+            "--stale-after",
+            type=float,
+            default=600.0,
+            help="seconds without news after which a running trial counts as dead",
+        )
+        sub.add_argument("--quiet", action="store_true", help="only the summary")
+
+
+def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str | None):
+    from robustbench_mat.tuning import TuneSpec
+
+    return TuneSpec(
+        method=method,
+        dataset=dataset,
+        regime=regime,
+        trials=args.trials,
+        seeds=args.seeds,
+        criterion=args.criterion,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        device=args.device,
+        hparams=parse_assignments(args.hparams, "--set"),
+        data_params=parse_assignments(args.data_params, "--data"),
+        data_dir=args.data_dir,
+        workdir=args.workdir,
+        storage=args.storage,
+        grid=args.grid,
+        sampler_seed=args.sampler_seed,
+        prune=args.prune,
+        workers=args.workers,
+        launcher=args.launcher,
+        slurm=parse_assignments(args.slurm, "--slurm"),
+        stale_after=args.stale_after,
+        inference_hparams=parse_assignments(args.inference_hparams, "--infer-set"),
+    )
+
+
+def _tune_summary(results: list) -> str:
+    import statistics
+
+    rows = []
+    for name, result in results:
+        row = [name, result.finished_trials, f"{result.best_value:.4f}"]
+        for key in ("test_avg", "test_wga"):
+            values = [r.selected[key] for r in result.final_runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            row.append(f"{statistics.mean(values):.3f} ± {spread:.3f}")
+        rows.append(row)
+    headers = ("study", "trials", "best val", "final test avg", "final test wga")
+    return tabulate(rows, headers=headers, disable_numparse=True)
+
+
+def command_tune(args: argparse.Namespace) -> int:
+    from robustbench_mat.tuning import tune
+
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    result = tune(_tune_spec(args, args.method, args.dataset, args.regime), log=log)
+    print(_tune_summary([(result.study_name, result)]))
+    print(f"best settings: {result.best_params}")
+    print(f"study in {result.storage}; MLflow parent run {result.parent_run_id}")
+    return 0
+
+
+def command_sweep(args: argparse.Namespace) -> int:
+    from robustbench_mat.tuning import base_plan, tune
+
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    results, skipped = [], []
+    for dataset in args.datasets:
+        for method in args.methods:
+            for regime in args.regimes:
+                spec = _tune_spec(args, method, dataset, regime)
+                try:
+                    base_plan(spec)
+                except UserError as reason:
+                    skipped.append((f"{method} {dataset} {regime}", str(reason)))
+                    log(f"skipping {method} on {dataset} in {regime}: {reason}")
+                    continue
+                result = tune(spec, log=log)
+                results.append((result.study_name, result))
+    print(_tune_summary(results))
+    for name, reason in skipped:
+        print(f"skipped {name}: {reason}")
+    return 0
+
+
+def _add_data_commands(commands: argparse._SubParsersAction) -> None:
+    for name, text in (
+        ("download", "fetch, verify, extract and convert a dataset's upstream files"),
+        ("prepare", "convert upstream files placed by hand (no network)"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("name", help="dataset name (see `list`)")
+        sub.add_argument("--data-dir", help="default $ROBUSTBENCH_MAT_DATA or ./data")
+        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def command_data(args: argparse.Namespace) -> int:
+    from robustbench_mat.download import dataset_class, download_dataset, prepare_dataset
+
+    cls = dataset_class(args.name)
+    action = download_dataset if args.command == "download" else prepare_dataset
+    written = action(cls, args.data_dir, show_progress=not args.quiet)
+    print(f"{cls.name} is ready: " + ", ".join(str(path) for path in written))
+    return 0
 
 
 def command_list(_: argparse.Namespace) -> int:
@@ -193,6 +429,9 @@ def command_experiment(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "list": command_list, "experiment": command_experiment}
+COMMANDS.update(download=command_data, prepare=command_data)
+COMMANDS.update(tune=command_tune, sweep=command_sweep)
+COMMANDS.update(leaderboard=command_leaderboard, ui=command_ui)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,10 @@ class UserError(Exception):
     exit_code = 2
 
 
+class RunPruned(Exception):
+    """Raised from an evaluation callback to stop a run early (a pruned tuning trial)."""
+
+
 class RunFailed(UserError):
     """A run that started but could not finish (diverged loss, missing artifact)."""
 

@@ -4,9 +4,11 @@
 |------------|-----------------|-------------------|------------------------------|
 | `full`     | yes             | yes               | `val_wga` (true groups)      |
 | `val-only` | no              | yes               | `val_wga` (true groups)      |
-| `none`     | no              | no                | `val_worst_class`            |
+| `none`     | no              | no                | `val_inferred_wga`           |
 
-Test metrics are always computed on the true groups.
+Under `none` the default criterion is the worst-group accuracy on validation groups inferred by
+XRM (run first, and cached, when a run needs them); `val_worst_class` needs no inference. Test
+metrics are always computed on the true groups.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ REGIMES: dict[str, Regime] = {
     for r in (
         Regime("full", True, True, "val_wga", "group labels in train and val"),
         Regime("val-only", False, True, "val_wga", "group labels in val only"),
-        Regime("none", False, False, "val_worst_class", "no group labels"),
+        Regime("none", False, False, "val_inferred_wga", "no group labels"),
     )
 }
 
@@ -62,18 +64,24 @@ def allowed_regimes(needs_train_groups: bool, needs_val_groups: bool = False) ->
 
 
 def check_allowed(
-    method_name: str, needs_train_groups: bool, regime: Regime, needs_val_groups: bool = False
+    method_name: str,
+    needs_train_groups: bool,
+    regime: Regime,
+    needs_val_groups: bool = False,
+    alternative: str | None = None,
 ) -> None:
-    """Refuse a method in a regime that withholds group labels the method needs."""
+    """Refuse a method in a regime that withholds group labels the method needs, naming the
+    regimes where it can run and, if any, the method that uses inferred groups instead."""
     for needed, given, which in (
         (needs_train_groups, regime.train_groups, "training"),
         (needs_val_groups, regime.val_groups, "validation"),
     ):
         if needed and not given:
             allowed = allowed_regimes(needs_train_groups, needs_val_groups)
+            instead = f"; without them use {alternative!r}" if alternative else ""
             raise UserError(
                 f"method {method_name!r} needs {which} group labels, which regime "
-                f"{regime.name!r} withholds; it can run in: {', '.join(allowed)}"
+                f"{regime.name!r} withholds; it can run in: {', '.join(allowed)}{instead}"
             )
 
 
@@ -82,5 +90,6 @@ def check_criterion_allowed(criterion: str, regime: Regime) -> None:
     if not regime.val_groups and criterion.startswith(_GROUP_CRITERIA_PREFIXES):
         raise UserError(
             f"selection criterion {criterion!r} reads validation group labels, which regime "
-            f"{regime.name!r} withholds; use val_worst_class or val_avg"
+            f"{regime.name!r} withholds; use val_inferred_wga (groups inferred by XRM), "
+            "val_worst_class or val_avg"
         )

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -21,7 +22,7 @@ import pandas as pd
 import torch
 
 from robustbench_mat.data import BenchmarkDataset, stable_hash
-from robustbench_mat.errors import RunFailed, UserError
+from robustbench_mat.errors import RunFailed, RunPruned, UserError
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
 from robustbench_mat.hparams import resolve, sample_configurations
 from robustbench_mat.method import Method
@@ -78,6 +79,7 @@ class RunSpec:
     inference_hparams: dict[str, Any] = field(default_factory=dict)
     stop_loss: float | None = None
     inference_trials: int = 1
+    on_evaluation: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -233,11 +235,15 @@ def plan(spec: RunSpec) -> RunPlan:
         get_regime(spec.regime) if spec.regime else default_regime(method_cls.needs_train_groups)
     )
     check_allowed(
-        method_cls.name, method_cls.needs_train_groups, regime, method_cls.needs_val_groups
+        method_cls.name,
+        method_cls.needs_train_groups,
+        regime,
+        method_cls.needs_val_groups,
+        method_cls.inferred_groups_variant,
     )
     criterion = spec.criterion or dataset.default_criterion or regime.default_criterion
-    if spec.criterion is None and not regime.val_groups and method_cls.group_inference:
-        criterion = "val_inferred_wga"
+    if spec.criterion is None and method_cls.infers_groups and not regime.val_groups:
+        criterion = "val_worst_class"  # a group-inference run cannot select on its own groups
     check_criterion_allowed(criterion, regime)
     hparams = resolve(method_cls.hparam_specs(dataset), spec.hparams, f"method {method_cls.name!r}")
     steps = spec.steps if spec.steps is not None else dataset.default_steps
@@ -309,6 +315,10 @@ def run(spec: RunSpec) -> RunResult:
         tracker.flush()
         tracker.end(run_id, "killed")
         raise
+    except RunPruned:
+        tracker.flush()
+        tracker.end(run_id, "pruned")
+        raise
     except BaseException:
         tracker.flush()
         tracker.end(run_id, "failed")
@@ -364,6 +374,7 @@ def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
             dataset=the_plan.dataset.name,
             seed=spec.seed,
             regime="none",
+            criterion="val_worst_class",  # label-free; the artifact comes from the last step
             device=spec.device,
             hparams=configuration,
             data_params=dict(the_plan.dataset.config),
@@ -421,6 +432,8 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         index = math.ceil(record["step"] / the_plan.eval_every)
         if index % stride == 0 or record["step"] == the_plan.steps:
             tracker.buffer_history(run_id, record)
+        if spec.on_evaluation is not None:
+            spec.on_evaluation(record)
 
     outcome = train(
         method,

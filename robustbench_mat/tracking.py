@@ -38,8 +38,9 @@ class TAGS:
     SEED = "robustbench.seed"
     CRITERION = "robustbench.criterion"
     KIND = "robustbench.kind"  # run | trial | final | leaderboard
-    STATE = "robustbench.state"  # running | finished | failed | killed
+    STATE = "robustbench.state"  # running | finished | failed | killed | pruned
     RUN_KEY = "robustbench.run_key"
+    FINAL = "robustbench.final"  # "true" on the seed runs of a study's best configuration
 
 
 def resolve_workdir(workdir: str | Path | None = None) -> Path:
@@ -176,7 +177,84 @@ class Tracker:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
     def end(self, run_id: str, state: str) -> None:
-        """End the run: state finished -> FINISHED, failed -> FAILED, killed -> KILLED."""
+        """End the run: finished -> FINISHED, failed -> FAILED, killed or pruned -> KILLED."""
         self.set_tags(run_id, {TAGS.STATE: state})
-        status = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}[state]
+        status = {
+            "finished": "FINISHED",
+            "failed": "FAILED",
+            "killed": "KILLED",
+            "pruned": "KILLED",
+        }[state]
         self.client.set_terminated(run_id, status=status)
+
+
+def serve_ui(workdir: Path, port: int = 5000, ready_timeout: float = 120.0) -> int:
+    """Run the MLflow UI on 127.0.0.1 against the work directory's store, lean (one worker,
+    job execution and telemetry off), print the runs-table URLs and stop cleanly on Ctrl-C."""
+    import socket
+    import subprocess
+    import sys
+
+    uri = tracking_uri(workdir)
+    experiments = Tracker(workdir).client.search_experiments()
+    env = {
+        **os.environ,
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        (workdir / "artifacts").as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    server = subprocess.Popen(command, env=env)
+    try:
+        deadline = time.time() + ready_timeout
+        while True:
+            if server.poll() is not None:
+                print(
+                    f"robustbench-mat: the MLflow server stopped (exit {server.returncode})",
+                    file=sys.stderr,
+                )
+                return 1
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline:
+                    server.terminate()
+                    print(
+                        f"robustbench-mat: the MLflow server did not answer on port {port}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                time.sleep(0.5)
+        base = f"http://127.0.0.1:{port}"
+        print(f"MLflow UI at {base} (store {uri}); Ctrl-C stops it", flush=True)
+        for experiment in experiments:
+            if experiment.name != "Default":
+                print(
+                    f"  {experiment.name}: {base}/#/experiments/{experiment.experiment_id}/runs",
+                    flush=True,
+                )
+        server.wait()
+        return server.returncode
+    except KeyboardInterrupt:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        print("MLflow UI stopped")
+        return 0

@@ -203,7 +203,7 @@ def train(
     method.to(device)
     optimizer = method.configure_optimizer()
     train_split = method.train_split()
-    eval_splits = [dataset.split(s) for s in ("val", "test")]
+    eval_splits = [method.eval_split(dataset.split(s)) for s in ("val", "test")]
     if settings.evaluate_train:
         eval_splits.insert(0, dataset.split("train"))
     weights = train_group_weights(dataset.split("train"))
@@ -236,7 +236,13 @@ def train(
             record["train_loss"] = mean_loss
         with _autocast(device):
             for split in eval_splits:
-                logits = predict(method.predict, split, device, num_workers=settings.num_workers)
+                logits = predict(
+                    method.predict,
+                    split,
+                    device,
+                    batch_size=dataset.eval_batch_size,
+                    num_workers=settings.num_workers,
+                )
                 record.update(dataset.metrics(split, logits, weights))
                 if split.name == "val" and settings.inferred_val_groups is not None:
                     record.update(

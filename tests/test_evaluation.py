@@ -218,7 +218,7 @@ def test_check_criterion_accepts_validation_metrics(criterion):
 
 def test_regimes_and_their_default_criteria():
     assert list(REGIMES) == ["full", "val-only", "none"]
-    assert get_regime("none").default_criterion == "val_worst_class"
+    assert get_regime("none").default_criterion == "val_inferred_wga"
     assert default_regime(needs_train_groups=False).name == "val-only"
     assert default_regime(needs_train_groups=True).name == "full"
     with pytest.raises(UserError, match="unknown regime 'partial'; known: full, val-only, none"):
@@ -228,7 +228,7 @@ def test_regimes_and_their_default_criteria():
 @pytest.mark.parametrize("criterion", ["val_wga", "val_group_acc.y0-a1", "val_avg_train_weighted"])
 def test_group_criteria_need_validation_groups(criterion):
     check_criterion_allowed(criterion, get_regime("val-only"))
-    with pytest.raises(UserError, match="withholds; use val_worst_class or val_avg"):
+    with pytest.raises(UserError, match="withholds; use val_inferred_wga .*, val_worst_class"):
         check_criterion_allowed(criterion, get_regime("none"))
 
 

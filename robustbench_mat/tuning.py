@@ -1,0 +1,493 @@
+"""Optuna tuning of one method on one dataset under one regime, then the best configuration
+re-run over seeds.
+
+One study per (method, dataset, regime, budget), named predictably, stored by URL (a sqlite file
+in the work directory by default; PostgreSQL to share a study between machines). Each trial is
+one run on the shared loop, logged as an MLflow child run of the study's parent run; the
+selection criterion at each evaluation feeds the pruner. The study holds exactly `trials`
+finished (complete or pruned) trials however many workers share it and however often the
+command is interrupted and started again: a trial whose worker died is marked failed and
+retried with the same parameters, and its run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from robustbench_mat.data import BenchmarkDataset, stable_hash
+from robustbench_mat.errors import RunPruned, UserError
+from robustbench_mat.evaluation import higher_is_better
+from robustbench_mat.method import Method
+from robustbench_mat.runner import RunPlan, RunResult, RunSpec, plan, run
+from robustbench_mat.tracking import TAGS, Tracker
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+LAUNCHERS = ("local", "slurm", "submitit-local")
+PAPER_GRID_SIZE = 10
+
+
+@dataclass
+class TuneSpec:
+    """What `robustbench-mat tune` is asked to do; run settings not tuned are fixed for all."""
+
+    method: str
+    dataset: str
+    regime: str | None = None
+    trials: int = 20
+    seeds: int = 3
+    criterion: str | None = None
+    steps: int | None = None
+    eval_every: int | None = None
+    device: str = "auto"
+    hparams: dict[str, Any] = field(default_factory=dict)
+    data_params: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+    workdir: str | None = None
+    storage: str | None = None
+    grid: str | None = None
+    sampler_seed: int = 0
+    trial_seed: int = 0
+    prune: bool = True
+    workers: int = 1
+    launcher: str = "local"
+    slurm: dict[str, str] = field(default_factory=dict)
+    stale_after: float = 600.0
+    inference_hparams: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
+
+    def run_spec(self, hparams: dict[str, Any], seed: int, kind: str, tags: dict) -> RunSpec:
+        return RunSpec(
+            method=self.method,
+            dataset=self.dataset,
+            seed=seed,
+            regime=self.regime,
+            criterion=self.criterion,
+            steps=self.steps,
+            eval_every=self.eval_every,
+            device=self.device,
+            hparams={**hparams, **self.hparams},
+            data_params=dict(self.data_params),
+            data_dir=self.data_dir,
+            workdir=self.workdir,
+            kind=kind,
+            tags=tags,
+            show_progress=False,
+            inference_hparams=dict(self.inference_hparams),
+        )
+
+
+@dataclass
+class TuneResult:
+    """The finished study and the runs of the best configuration over seeds."""
+
+    study_name: str
+    storage: str
+    best_params: dict[str, Any]
+    best_value: float
+    finished_trials: int
+    final_runs: list[RunResult]
+    parent_run_id: str
+
+
+# --- the study --------------------------------------------------------------------------------
+def base_plan(spec: TuneSpec) -> RunPlan:
+    """Validates the spec against the plugins and regimes before anything starts."""
+    if spec.trials < 1 or spec.seeds < 1 or spec.workers < 1:
+        raise UserError("--trials, --seeds and --workers must be at least 1")
+    if spec.launcher not in LAUNCHERS:
+        raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}")
+    if spec.grid not in (None, "paper"):
+        raise UserError(f"--grid must be 'paper', got {spec.grid!r}")
+    return plan(spec.run_spec({}, spec.trial_seed, "trial", {}))
+
+
+def search_space(the_plan: RunPlan, fixed: dict[str, Any]) -> dict[str, BaseDistribution]:
+    space = the_plan.method_cls.search_space(the_plan.dataset)
+    space = {name: dist for name, dist in space.items() if name not in fixed}
+    if not space:
+        raise UserError(
+            f"method {the_plan.method_name!r} has nothing left to tune on "
+            f"{the_plan.dataset.name} once {', '.join(fixed)} are fixed"
+        )
+    return space
+
+
+def study_name(spec: TuneSpec, the_plan: RunPlan) -> str:
+    """`<method>.<dataset>.<regime>.steps<N>` plus a hash of every other fixed setting."""
+    name = (
+        f"{the_plan.method_name}.{the_plan.dataset.name}.{the_plan.regime.name}."
+        f"steps{the_plan.steps}"
+    )
+    extra = {
+        "data": spec.data_params,
+        "fixed": spec.hparams,
+        "criterion": the_plan.criterion,
+        "eval_every": the_plan.eval_every,
+        "grid": spec.grid,
+        "seed": spec.trial_seed,
+        "inference": spec.inference_hparams,
+        "device": the_plan.device.type,
+    }
+    default = {
+        "data": {},
+        "fixed": {},
+        "criterion": the_plan.regime.default_criterion,
+        "eval_every": the_plan.dataset.default_eval_every,
+        "grid": None,
+        "seed": 0,
+        "inference": {},
+        "device": the_plan.device.type,
+    }
+    return name if extra == default else f"{name}.{stable_hash(extra, 8)}"
+
+
+def storage_url(spec: TuneSpec, workdir: Path) -> str:
+    return spec.storage or f"sqlite:///{workdir / 'optuna.db'}"
+
+
+def open_study(spec: TuneSpec, the_plan: RunPlan, worker: int = 0) -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    the_plan.workdir.mkdir(parents=True, exist_ok=True)
+    direction = "maximize" if higher_is_better(the_plan.criterion) else "minimize"
+    pruner = (
+        optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+        if spec.prune
+        else optuna.pruners.NopPruner()
+    )
+    study = optuna.create_study(
+        study_name=study_name(spec, the_plan),
+        storage=storage_url(spec, the_plan.workdir),
+        direction=direction,
+        pruner=pruner,
+        load_if_exists=True,
+    )
+    # A process that resumes a study must not replay the random stream of the first one (it
+    # would propose the same configurations again): the seed also depends on the progress.
+    progress = len(study.get_trials(deepcopy=False))
+    seed = int(stable_hash({"seed": spec.sampler_seed, "worker": worker, "n": progress}), 16)
+    study.sampler = optuna.samplers.TPESampler(seed=seed % 2**31)
+    return study
+
+
+# --- the paper's grid -------------------------------------------------------------------------
+def paper_configuration(combo: int, family: str) -> dict[str, Any]:
+    """Configuration `combo` of the MAT/XRM code's random grid (numpy RandomState(combo)):
+    lr, batch size and weight decay by model family, then GroupDRO's eta; MAT's temperature
+    comes from a fresh RandomState(combo)."""
+    rs = np.random.RandomState(combo)
+    lr_range, batch_range = {
+        "image": ((-5, -3), (5, 7)),
+        "text": ((-6, -4), (4, 6)),
+        "mlp": ((-5, -3), (3, 6)),
+    }[family]
+    config: dict[str, Any] = {
+        "lr": 10 ** rs.uniform(*lr_range),
+        "batch_size": int(2 ** rs.uniform(*batch_range)),
+        "weight_decay": 10 ** rs.uniform(-6, -3),
+    }
+    if family == "text":
+        rs.choice([0.0, 0.1, 0.5])  # the code draws a last-layer dropout it never applies
+    config["eta"] = 10 ** rs.uniform(-3, -1)
+    config["temperature"] = float(np.random.RandomState(combo).choice([0.001, 0.01, 0.1]))
+    return config
+
+
+def paper_grid(
+    method_cls: type[Method], dataset: BenchmarkDataset, fixed: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The 10 configurations of the paper's grid, restricted to the method's settings."""
+    known = set(method_cls.hparam_specs(dataset)) - set(fixed)
+    return [
+        {k: v for k, v in paper_configuration(combo, dataset.hparam_family).items() if k in known}
+        for combo in range(PAPER_GRID_SIZE)
+    ]
+
+
+# --- trials -----------------------------------------------------------------------------------
+def recover_dead_trials(study: optuna.Study, stale_after: float) -> int:
+    """Mark failed, and enqueue again with the same parameters, every running trial whose
+    worker is gone: a dead process on this host, or no sign of life for `stale_after` s."""
+    storage = study._storage  # noqa: SLF001 - Optuna exposes no public setter of trial states
+    host, now, recovered = socket.gethostname(), time.time(), 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        dead_here = (
+            attrs.get("host") == host and "pid" in attrs and not _pid_alive(attrs["pid"])
+        )
+        silent = now - attrs.get("alive", attrs.get("started", now)) > stale_after
+        if not (dead_here or silent):
+            continue
+        try:
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)  # noqa: SLF001
+        except RuntimeError:  # finished or failed meanwhile by another worker
+            continue
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        recovered += 1
+    return recovered
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _slots_taken(study: optuna.Study, before: int | None = None) -> int:
+    states = (*FINISHED, TrialState.RUNNING)
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=states)
+        if before is None or t.number < before
+    )
+
+
+def worker_loop(spec: TuneSpec, worker: int = 0, log: Callable[[str], None] = print) -> None:
+    """Run trials until the study holds `spec.trials` finished or running trials."""
+    the_plan = base_plan(spec)
+    study = open_study(spec, the_plan, worker)
+    space = search_space(the_plan, spec.hparams)
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    target = PAPER_GRID_SIZE if spec.grid == "paper" else spec.trials
+    while True:
+        recover_dead_trials(study, spec.stale_after)
+        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        if _slots_taken(study) >= target and not waiting:
+            return
+        trial = study.ask(space)
+        if _slots_taken(study, before=trial.number) >= target:
+            # Another worker took the last slot at the same moment: give this one up.
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        _run_trial(spec, study, trial, parent, target, log)
+
+
+def _run_trial(
+    spec: TuneSpec,
+    study: optuna.Study,
+    trial: optuna.Trial,
+    parent: str,
+    target: int,
+    log: Callable[[str], None],
+) -> None:
+    trial.set_user_attr("pid", os.getpid())
+    trial.set_user_attr("started", time.time())
+    trial.set_user_attr("host", socket.gethostname())  # last: with it, the others are set
+    the_plan = base_plan(spec)
+    criterion = the_plan.criterion
+    tags = {
+        "mlflow.parentRunId": parent,
+        "robustbench.study": study.study_name,
+        "robustbench.trial": trial.number,
+    }
+    run_spec = spec.run_spec(dict(trial.params), spec.trial_seed, "trial", tags)
+
+    def report(record: dict[str, Any]) -> None:
+        trial.set_user_attr("alive", time.time())
+        trial.report(record[criterion], record["step"])
+        if trial.should_prune():
+            raise RunPruned(f"trial {trial.number} pruned at step {record['step']}")
+
+    run_spec.on_evaluation = report
+    try:
+        result = run(run_spec)
+    except RunPruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        log(f"trial {trial.number}: pruned")
+        return
+    except Exception:
+        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
+    trial.set_user_attr("mlflow_run_id", result.run_id)
+    value = result.selected[criterion]
+    study.tell(trial, value)
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    log(
+        f"trial {trial.number} ({finished} of {target} finished): {criterion} = {value:.4f} "
+        f"with {_short(trial.params)}; best so far {study.best_value:.4f}"
+    )
+
+
+def _short(params: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()
+    )
+
+
+# --- workers ----------------------------------------------------------------------------------
+def _worker_main(spec_fields: dict[str, Any], worker: int) -> None:
+    """Entry point of a worker process (local or on a cluster)."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, spec_fields["workers"])))
+    worker_loop(TuneSpec(**spec_fields), worker, log=lambda line: print(line, flush=True))
+
+
+def launch_workers(spec: TuneSpec, workdir: Path) -> None:
+    fields = dataclasses.asdict(spec)
+    if spec.workers == 1 and spec.launcher == "local":
+        worker_loop(spec)
+        return
+    if spec.launcher == "local":
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        processes = [
+            context.Process(target=_worker_main, args=(fields, i)) for i in range(spec.workers)
+        ]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join()
+        failed = [p.exitcode for p in processes if p.exitcode != 0]
+        if failed:
+            raise UserError(
+                f"{len(failed)} tuning worker(s) failed (exit codes {failed}); "
+                "run the same command again to retry their trials"
+            )
+        return
+    import submitit
+
+    folder = workdir / "submitit"
+    if spec.launcher == "slurm":
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in spec.slurm.items()})
+    else:
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=int(spec.slurm.get("time", 60)))
+    jobs = [executor.submit(_worker_main, fields, i) for i in range(spec.workers)]
+    for job in jobs:
+        job.result()
+
+
+# --- the command ------------------------------------------------------------------------------
+def tune(spec: TuneSpec, log: Callable[[str], None] = print) -> TuneResult:
+    """Tune, then re-run the best configuration for `spec.seeds` seeds (0, 1, ...)."""
+    the_plan = base_plan(spec)
+    search_space(the_plan, spec.hparams)
+    study = open_study(spec, the_plan)
+    tracker = Tracker(the_plan.workdir)
+    parent = _parent_run(study, tracker, the_plan)
+    if spec.grid == "paper" and not study.user_attrs.get("grid_enqueued"):
+        for config in paper_grid(the_plan.method_cls, the_plan.dataset, spec.hparams):
+            study.enqueue_trial(config)
+        study.set_user_attr("grid_enqueued", True)
+    target = PAPER_GRID_SIZE if spec.grid == "paper" else spec.trials
+    recovered = recover_dead_trials(study, spec.stale_after)
+    if recovered:
+        log(f"{recovered} interrupted trial(s) marked failed and queued again")
+    log(
+        f"study {study.study_name} in {storage_url(spec, the_plan.workdir)}: "
+        f"{len(study.get_trials(states=FINISHED))} of {target} trials finished"
+    )
+    launch_workers(spec, the_plan.workdir)
+
+    finished = study.get_trials(states=FINISHED)
+    if len(finished) < target or not study.get_trials(states=(TrialState.COMPLETE,)):
+        raise UserError(
+            f"study {study.study_name} has {len(finished)} of {target} finished trials "
+            "(some are still running elsewhere or failed); run the same command again"
+        )
+    best = study.best_trial
+    finals = _final_runs(spec, study, best, parent, tracker, log)
+    _close_parent(tracker, parent, study, best, finals, the_plan.criterion)
+    return TuneResult(
+        study.study_name,
+        storage_url(spec, the_plan.workdir),
+        best.params,
+        best.value,
+        len(finished),
+        finals,
+        parent,
+    )
+
+
+def _parent_run(study: optuna.Study, tracker: Tracker, the_plan: RunPlan) -> str:
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent is None:
+        tags = {
+            TAGS.METHOD: the_plan.method_name,
+            TAGS.DATASET: the_plan.dataset.name,
+            TAGS.REGIME: the_plan.regime.name,
+            TAGS.CRITERION: the_plan.criterion,
+            TAGS.KIND: "study",
+            "robustbench.study": study.study_name,
+        }
+        parent = tracker.start(
+            the_plan.dataset.name,
+            f"tune {study.study_name}",
+            tags,
+            {"study": study.study_name, "direction": study.direction.name},
+        )
+        study.set_user_attr("mlflow_parent_run_id", parent)
+    return parent
+
+
+def _final_runs(
+    spec: TuneSpec,
+    study: optuna.Study,
+    best: FrozenTrial,
+    parent: str,
+    tracker: Tracker,
+    log: Callable[[str], None],
+) -> list[RunResult]:
+    """The best configuration for seeds 0..S-1, each tagged `robustbench.final=true`. The run
+    of the trial seed is the best trial's own run (identical settings), tagged, not retrained."""
+    tags = {
+        "mlflow.parentRunId": parent,
+        "robustbench.study": study.study_name,
+        "robustbench.best_trial": best.number,
+        TAGS.FINAL: "true",
+    }
+    finals = []
+    for seed in range(spec.seeds):
+        result = run(spec.run_spec(dict(best.params), seed, "final", tags))
+        tracker.set_tags(result.run_id, tags)
+        finals.append(result)
+        log(
+            f"final run seed {seed}: test_avg {result.selected['test_avg']:.4f}, "
+            f"test_wga {result.selected['test_wga']:.4f}"
+        )
+    return finals
+
+
+def _close_parent(
+    tracker: Tracker,
+    parent: str,
+    study: optuna.Study,
+    best: FrozenTrial,
+    finals: list[RunResult],
+    criterion: str,
+) -> None:
+    metrics: dict[str, float] = {"best_value": best.value, "best_trial": best.number}
+    for key in ("test_avg", "test_wga", criterion):
+        values = [r.selected[key] for r in finals if key in r.selected]
+        if values:
+            metrics[f"final_{key}_mean"] = statistics.mean(values)
+            metrics[f"final_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    tracker.log_metrics(parent, metrics)
+    tracker.set_tags(parent, {f"best.{k}": v for k, v in best.params.items()})
+    tracker.end(parent, "finished")
+
+
+def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
+    return study.get_trials(states=FINISHED)
