@@ -67,8 +67,7 @@ class AFR(Method):
     """
 
     paper = (
-        "Qiu et al. 2023, Simple and Fast Group Robustness by Automatic Feature Reweighting "
-        "(ICML)"
+        "Qiu et al. 2023, Simple and Fast Group Robustness by Automatic Feature Reweighting (ICML)"
     )
     hparams = {
         "gamma": HParam(
@@ -114,7 +113,9 @@ class AFR(Method):
         self.eval()
         device = context.plan.device
         heldout = subset_split(self.dataset.split("train"), self.heldout_part.cpu())
-        embeddings = predict(self.features, heldout, device).clone()  # not an inference tensor
+        embeddings = predict(
+            self.features, heldout, device, self.dataset.eval_batch_size
+        ).clone()  # not an inference tensor
         self.embedded = dataclasses.replace(heldout, name="train-heldout", inputs=embeddings)
         with torch.no_grad():
             p = F.softmax(self.head(embeddings.to(device)).float(), dim=1).cpu()

@@ -88,7 +88,7 @@ class DFR(Method):
         self.model.requires_grad_(False)
         self.eval()
         fit = subset_split(self.dataset.split("val"), self.fit_indices.cpu())
-        embeddings = predict(self.features, fit, context.plan.device)
+        embeddings = predict(self.features, fit, context.plan.device, self.dataset.eval_batch_size)
         if self.hp["standardize"]:
             self.feature_mean.copy_(embeddings.mean(0))
             self.feature_std.copy_(embeddings.std(0, unbiased=False).clamp(min=1e-6))

@@ -99,7 +99,7 @@ class JTT(Method):
         context.train_stage("stage1", stage1, steps)
         train = self.train_split()
         stage1.eval()
-        logits = predict(stage1.predict, train, context.plan.device)
+        logits = predict(stage1.predict, train, context.plan.device, self.dataset.eval_batch_size)
         self.error_set = torch.nonzero(logits.argmax(1) != train.y)[:, 0]
 
         path = context.run_dir / "jtt_stage1.pt"

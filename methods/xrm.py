@@ -109,7 +109,9 @@ class XRMGroupInference(Method):
         logits = {}
         for split in ("train", "val"):
             data = self.dataset.split(split)
-            logits[split] = [predict(net, data, device) for net in self.model]
+            logits[split] = [
+                predict(net, data, device, self.dataset.eval_batch_size) for net in self.model
+            ]
         assignment = self.assignment.cpu()[:, None]
         train_a, train_b = logits["train"]
         attributes = {
