@@ -487,7 +487,3 @@ def _close_parent(
     tracker.log_metrics(parent, metrics)
     tracker.set_tags(parent, {f"best.{k}": v for k, v in best.params.items()})
     tracker.end(parent, "finished")
-
-
-def finished_trials(study: optuna.Study) -> list[FrozenTrial]:
-    return study.get_trials(states=FINISHED)
