@@ -314,7 +314,12 @@ def command_sweep(args: argparse.Namespace) -> int:
             for regime in args.regimes:
                 spec = _tune_spec(args, method, dataset, regime)
                 try:
-                    base_plan(spec)
+                    the_plan = base_plan(spec)
+                    if regime == "full" and not the_plan.method_cls.needs_train_groups:
+                        raise UserError(
+                            "it reads no training group labels, so `full` would repeat its "
+                            "val-only runs"
+                        )
                 except UserError as reason:
                     skipped.append((f"{method} {dataset} {regime}", str(reason)))
                     log(f"skipping {method} on {dataset} in {regime}: {reason}")
