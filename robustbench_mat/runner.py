@@ -297,6 +297,7 @@ def run(spec: RunSpec) -> RunResult:
         stored = json.loads(result_file.read_text())
         return RunResult(**{**stored, "reused": True})
 
+    the_plan.dataset.split("train")  # missing or malformed data fails before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(the_plan.workdir)
     id_file = run_dir / "mlflow_run_id"
