@@ -224,9 +224,7 @@ def recover_dead_trials(study: optuna.Study, stale_after: float) -> int:
     host, now, recovered = socket.gethostname(), time.time(), 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         attrs = trial.user_attrs
-        dead_here = (
-            attrs.get("host") == host and "pid" in attrs and not _pid_alive(attrs["pid"])
-        )
+        dead_here = attrs.get("host") == host and "pid" in attrs and not _pid_alive(attrs["pid"])
         silent = now - attrs.get("alive", attrs.get("started", now)) > stale_after
         if not (dead_here or silent):
             continue
@@ -342,10 +340,10 @@ def _worker_main(spec_fields: dict[str, Any], worker: int) -> None:
     worker_loop(TuneSpec(**spec_fields), worker, log=lambda line: print(line, flush=True))
 
 
-def launch_workers(spec: TuneSpec, workdir: Path) -> None:
+def launch_workers(spec: TuneSpec, workdir: Path, log: Callable[[str], None] = print) -> None:
     fields = dataclasses.asdict(spec)
     if spec.workers == 1 and spec.launcher == "local":
-        worker_loop(spec)
+        worker_loop(spec, log=log)
         return
     if spec.launcher == "local":
         import multiprocessing
@@ -399,7 +397,7 @@ def tune(spec: TuneSpec, log: Callable[[str], None] = print) -> TuneResult:
         f"study {study.study_name} in {storage_url(spec, the_plan.workdir)}: "
         f"{len(study.get_trials(states=FINISHED))} of {target} trials finished"
     )
-    launch_workers(spec, the_plan.workdir)
+    launch_workers(spec, the_plan.workdir, log)
 
     finished = study.get_trials(states=FINISHED)
     if len(finished) < target or not study.get_trials(states=(TrialState.COMPLETE,)):
