@@ -482,6 +482,14 @@ def _close_parent(
         if values:
             metrics[f"final_{key}_mean"] = statistics.mean(values)
             metrics[f"final_{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+    # The study's row in the MLflow UI shows the same headline columns as its runs.
+    metrics.update(
+        {
+            k: metrics[f"final_{k}_mean"]
+            for k in ("test_avg", "test_wga")
+            if f"final_{k}_mean" in metrics
+        }
+    )
     tracker.log_metrics(parent, metrics)
     tracker.set_tags(parent, {f"best.{k}": v for k, v in best.params.items()})
     tracker.end(parent, "finished")
