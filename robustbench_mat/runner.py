@@ -375,7 +375,6 @@ def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
             dataset=the_plan.dataset.name,
             seed=spec.seed,
             regime="none",
-            criterion="val_worst_class",  # label-free; the artifact comes from the last step
             device=spec.device,
             hparams=configuration,
             data_params=dict(the_plan.dataset.config),
