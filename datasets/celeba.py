@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from robustbench_mat.download import google_drive_url
 from robustbench_mat.errors import UserError
 from robustbench_mat.images import ImageBenchmark, image_params
 from robustbench_mat.metadata import UpstreamFile, write_table
@@ -14,10 +15,6 @@ from robustbench_mat.registry import register_dataset
 PARTITION = "list_eval_partition.txt"
 ATTRIBUTES = "list_attr_celeba.txt"
 IMAGES = "img_align_celeba"
-
-
-def _drive(file_id: str) -> str:
-    return f"https://drive.google.com/uc?export=download&id={file_id}"
 
 
 def convert_celeba(root: Path) -> Path:
@@ -93,23 +90,38 @@ class CelebA(ImageBenchmark):
     default_steps = 10_000
     default_eval_every = 1000
     params = image_params("celeba")
+    # Digests of the published files: torchvision's CelebA list gives the md5 of the authors'
+    # Google Drive files; PyTorch's tutorials pin the sha256 of the S3 copy of the image zip.
+    # BalancingGroups' Drive copies come first for the text files, the authors' as mirrors.
     upstream = (
         UpstreamFile(
             url="https://s3.amazonaws.com/pytorch-tutorial-assets/img_align_celeba.zip",
+            mirrors=(
+                google_drive_url("1mb1R6dXfWbvk3DnlWOBO8pDeoBKOcLE6"),
+                google_drive_url("0B7EVK8r0v71pZjFTYXZWM3FlRnM"),
+            ),
             filename="img_align_celeba.zip",
             provides=(f"{IMAGES}/000001.jpg",),
+            checksums=(
+                "sha256:46fb89443c578308acf364d7d379fe1b9efb793042c0af734b6112e4fd3a8c74",
+                "md5:00d2c5bc6d35e252742224ab0c1e8fcb",
+            ),
             extract=True,
-            note="about 1.4 GB; also on Google Drive, id 1mb1R6dXfWbvk3DnlWOBO8pDeoBKOcLE6",
+            note="about 1.4 GB",
         ),
         UpstreamFile(
-            url=_drive("1acn0-nE4W7Wa17sIkKB0GtfW4Z41CMFB"),
+            url=google_drive_url("1acn0-nE4W7Wa17sIkKB0GtfW4Z41CMFB"),
+            mirrors=(google_drive_url("0B7EVK8r0v71pY0NSMzRuSXJEVkk"),),
             filename=PARTITION,
             provides=(PARTITION,),
+            checksums=("md5:d32c9cbf5e040fd4025c592c306e6668",),
         ),
         UpstreamFile(
-            url=_drive("11um21kRUuaUNoMl59TCe2fb01FNjqNms"),
+            url=google_drive_url("11um21kRUuaUNoMl59TCe2fb01FNjqNms"),
+            mirrors=(google_drive_url("0B7EVK8r0v71pblRyaVFSWGxPY0U"),),
             filename=ATTRIBUTES,
             provides=(ATTRIBUTES,),
+            checksums=("md5:75e246fa4810816ffd6ee81facbd244c",),
         ),
     )
 

@@ -1,13 +1,14 @@
 """Download, verify, extract and convert the upstream files of an on-disk dataset.
 
-`download_dataset` fetches each `UpstreamFile` a dataset declares (with a progress bar, resuming
-a partial `.part` file with an HTTP Range request), verifies its checksum where one is known,
-extracts archives atomically (into a temporary sibling folder, then `os.replace` into place, so a
-failure leaves no half-written dataset; a truncated or corrupt archive is deleted and the user
-told to retry) and finally runs the dataset's conversion. `prepare_dataset` only converts, for
-users who placed the upstream files by hand; the error of a failed download says which files to
-place where.
-"""
+`download_dataset` fetches each `UpstreamFile` a dataset declares, from its address or else from
+its mirrors in turn: with a progress bar, resuming a partial `.part` file with an HTTP Range
+request, and passing Google Drive's "cannot scan for viruses" page for large files (a quota page
+is reported as such). It verifies the published checksums where they are known, extracts archives
+atomically (into a temporary sibling folder, then `os.replace` into place, so a failure leaves no
+half-written dataset; a truncated or corrupt archive is deleted and the user told to retry) and
+finally runs the dataset's conversion. `prepare_dataset` only converts, for users who placed the
+upstream files by hand (checked against the same checksums); the error of a failed download says
+which files to place where."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urljoin
 
 from tqdm.auto import tqdm
 
@@ -26,98 +30,183 @@ from robustbench_mat.errors import UserError
 from robustbench_mat.metadata import FileDataset, UpstreamFile, read_metadata, resolve_data_dir
 
 CHUNK = 1 << 20
+PAGE_LIMIT = 1 << 20  # bytes of a web page read to look for a confirmation link
 USER_AGENT = "robustbench-mat (+https://pypi.org/project/robustbench-mat)"
 
 
 class DownloadError(Exception):
-    """A file could not be fetched (host down, quota, HTTP error)."""
+    """A file could not be fetched (host down, quota, HTTP error, wrong checksum)."""
 
 
-def file_digest(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
+def google_drive_url(file_id: str) -> str:
+    """The direct-download address of a public Google Drive file."""
+    return f"https://drive.google.com/uc?export=download&id={file_id}"
+
+
+def digests(path: Path, algorithms: set[str]) -> dict[str, str]:
+    """The hex digests of `path` for each of `algorithms`, in one pass over the file."""
+    hashers = {name: hashlib.new(name) for name in algorithms}
     with open(path, "rb") as handle:
         while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
+            for hasher in hashers.values():
+                hasher.update(block)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
 
 
-def verify_checksum(path: Path, checksum: str | None) -> None:
-    """Raise `UserError` (after deleting `path`) if its digest differs from `checksum`."""
-    if checksum is None:
-        return
-    algorithm, _, expected = checksum.partition(":")
-    actual = file_digest(path, algorithm)
-    if actual != expected.lower():
-        path.unlink(missing_ok=True)
-        raise UserError(
-            f"checksum mismatch for {path.name}: expected {algorithm} {expected}, got {actual}; "
-            f"the file was deleted (a corrupt or changed download): run the command again to "
-            f"retry"
+def checksum_problem(path: Path, checksums: tuple[str, ...]) -> str | None:
+    """None if `path` matches one of `checksums` (or none is declared), else what differs."""
+    if not checksums:
+        return None
+    expected = [checksum.partition(":")[::2] for checksum in checksums]
+    actual = digests(path, {algorithm for algorithm, _ in expected})
+    if any(actual[algorithm] == digest.lower() for algorithm, digest in expected):
+        return None
+    known = " or ".join(f"{algorithm} {digest}" for algorithm, digest in expected)
+    got = ", ".join(f"{algorithm} {digest}" for algorithm, digest in sorted(actual.items()))
+    return f"checksum mismatch for {path.name}: expected {known}, got {got}"
+
+
+class _ConfirmPage(HTMLParser):
+    """Reads Google Drive's "cannot scan this file for viruses" page, which large files get
+    instead of their content: the `download-form` form (its action and fields) or, on older
+    pages, the `uc-download-link` anchor lead to the file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.action: str | None = None
+        self.fields: dict[str, str] = {}
+        self.link: str | None = None
+        self._in_form = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "form" and attributes.get("id") == "download-form":
+            self.action, self._in_form = attributes.get("action"), True
+        elif tag == "input" and self._in_form and attributes.get("name"):
+            self.fields[str(attributes["name"])] = attributes.get("value") or ""
+        elif tag == "a" and attributes.get("id") == "uc-download-link":
+            self.link = attributes.get("href")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form":
+            self._in_form = False
+
+
+def drive_confirmation_url(page: str, page_url: str) -> str | None:
+    """The address past a Google Drive confirmation page, or None if `page` is not one."""
+    parser = _ConfirmPage()
+    parser.feed(page)
+    if parser.action:
+        return urljoin(page_url, parser.action) + "?" + urlencode(parser.fields)
+    if parser.link:
+        return urljoin(page_url, parser.link)
+    return None
+
+
+def _page_problem(page: str) -> str:
+    if "too many users" in page.lower() or "quota" in page.lower():
+        return (
+            "Google Drive refuses the file for now (its download quota is exceeded; it resets "
+            "within 24 hours)"
         )
+    return "the server sent a web page instead of the file (a sign-in page or a host outage)"
+
+
+class _Fetch:
+    """One download into `<destination>.part`, resuming it with an HTTP Range request."""
+
+    def __init__(self, destination: Path, show_progress: bool, timeout: float) -> None:
+        self.destination = destination
+        self.partial = destination.with_name(destination.name + ".part")
+        self.show_progress = show_progress
+        self.timeout = timeout
+        # Cookies carry Google Drive's confirmation from its warning page to the file.
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
+
+    def open(self, url: str) -> tuple[Any, int]:
+        """(response, bytes already on disk); response None when the part is already whole."""
+        have = self.partial.stat().st_size if self.partial.exists() else 0
+        headers = {"User-Agent": USER_AGENT}
+        if have:
+            headers["Range"] = f"bytes={have}-"
+        try:
+            response = self.opener.open(
+                urllib.request.Request(url, headers=headers), timeout=self.timeout
+            )
+        except urllib.error.HTTPError as error:
+            if error.code == 416 and have:  # the partial file is already complete
+                return None, have
+            raise DownloadError(f"HTTP {error.code} {error.reason}") from None
+        except (urllib.error.URLError, OSError) as error:
+            raise DownloadError(str(getattr(error, "reason", error))) from None
+        status = getattr(response, "status", None) or 200
+        return response, have if status == 206 else 0  # a 200 ignored the Range: start over
+
+    def open_file(self, url: str) -> tuple[Any, int]:
+        """Like `open`, but past Google Drive's confirmation page; any other page is an error."""
+        for _ in range(3):
+            response, have = self.open(url)
+            if response is None or not _is_page(response, url):
+                return response, have
+            with response:
+                page = response.read(PAGE_LIMIT).decode("utf-8", "replace")
+                page_url = response.geturl()
+            url = drive_confirmation_url(page, page_url)
+            if url is None:
+                raise DownloadError(_page_problem(page))
+        raise DownloadError("Google Drive answered with confirmation pages only")
+
+    def write(self, response: Any, have: int) -> None:
+        length = response.headers.get("Content-Length")
+        total = have + int(length) if length and length.isdigit() else None
+        bar = tqdm(
+            total=total,
+            initial=have,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=self.destination.name,
+            disable=not self.show_progress,
+            dynamic_ncols=True,
+        )
+        try:
+            with response, open(self.partial, "ab" if have else "wb") as out:
+                while block := response.read(CHUNK):
+                    out.write(block)
+                    bar.update(len(block))
+        except (OSError, urllib.error.URLError) as error:
+            raise DownloadError(f"interrupted: {error}") from None
+        finally:
+            bar.close()
+        if total is not None and self.partial.stat().st_size < total:
+            raise DownloadError(f"interrupted after {self.partial.stat().st_size} of {total} bytes")
+
+
+def _is_page(response: Any, url: str) -> bool:
+    content_type = response.headers.get("Content-Type", "") or ""
+    return content_type.startswith("text/html") and not url.endswith((".html", ".htm"))
 
 
 def fetch(
     url: str,
     destination: Path,
-    checksum: str | None = None,
+    checksums: tuple[str, ...] = (),
     show_progress: bool = True,
     timeout: float = 60.0,
 ) -> Path:
     """Download `url` to `destination`, resuming `<destination>.part` if a previous attempt left
-    one; the file appears under its final name only once complete and verified."""
+    one and passing Google Drive's confirmation page; the file appears under its final name only
+    once complete and matching one of `checksums`. A mismatching download is deleted."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(destination.name + ".part")
-    have = partial.stat().st_size if partial.exists() else 0
-    headers = {"User-Agent": USER_AGENT}
-    if have:
-        headers["Range"] = f"bytes={have}-"
-    request = urllib.request.Request(url, headers=headers)
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as error:
-        if error.code == 416 and have:  # the partial file is already complete
-            response = None
-        else:
-            raise DownloadError(f"HTTP {error.code} {error.reason}") from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise DownloadError(str(reason)) from None
+    download = _Fetch(destination, show_progress, timeout)
+    response, have = download.open_file(url)
     if response is not None:
-        with response:
-            status = getattr(response, "status", None) or 200
-            if have and status != 206:  # the server ignored the Range header: start over
-                have = 0
-            content_type = response.headers.get("Content-Type", "") or ""
-            if content_type.startswith("text/html") and not url.endswith((".html", ".htm")):
-                raise DownloadError(
-                    "the server sent a web page instead of the file (a Google Drive quota or "
-                    "sign-in page, or a host outage)"
-                )
-            length = response.headers.get("Content-Length")
-            total = have + int(length) if length and length.isdigit() else None
-            bar = tqdm(
-                total=total,
-                initial=have,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=destination.name,
-                disable=not show_progress,
-                dynamic_ncols=True,
-            )
-            try:
-                with open(partial, "ab" if have else "wb") as out:
-                    while block := response.read(CHUNK):
-                        out.write(block)
-                        bar.update(len(block))
-            except (OSError, urllib.error.URLError) as error:
-                raise DownloadError(f"interrupted: {error}") from None
-            finally:
-                bar.close()
-            if total is not None and partial.stat().st_size < total:
-                raise DownloadError(f"interrupted after {partial.stat().st_size} of {total} bytes")
-    verify_checksum(partial, checksum)
-    os.replace(partial, destination)
+        download.write(response, have)
+    problem = checksum_problem(download.partial, checksums)
+    if problem:
+        download.partial.unlink(missing_ok=True)
+        raise DownloadError(f"{problem} (a corrupt or changed download; it was deleted)")
+    os.replace(download.partial, destination)
     return destination
 
 
@@ -185,7 +274,7 @@ def manual_instructions(cls: type[FileDataset], data_dir: str | Path | None) -> 
         if _in_place(root, item):
             continue
         what = ", ".join(str(root / p) for p in item.provides)
-        how = f"download {item.url} to {root / item.filename}"
+        how = f"download {' or '.join(item.urls)} to {root / item.filename}"
         if item.extract:
             how += " (it is extracted for you)"
         lines.append(f"{how}, or place {what} yourself" + (f" ({item.note})" if item.note else ""))
@@ -193,14 +282,21 @@ def manual_instructions(cls: type[FileDataset], data_dir: str | Path | None) -> 
     return "; ".join(lines) + f"; then run `{command}`"
 
 
-def _place(root: Path, item: UpstreamFile) -> bool:
+def _place(cls: type[FileDataset], root: Path, item: UpstreamFile, verify: bool) -> bool:
     """Make `item` available in `root` from a local copy (extracting an archive placed by hand);
-    True when its paths exist."""
-    if _in_place(root, item):
+    True when its paths exist. A file placed by hand is checked against the published
+    checksums like a download."""
+    if item.extract and _in_place(root, item):
         return True
     local = root / item.filename
-    if local.exists():
-        verify_checksum(local, item.checksum)
+    if local.is_file():
+        problem = checksum_problem(local, item.checksums) if verify else None
+        if problem:
+            raise UserError(
+                f"{problem}: {local} is not the published file. Delete it and run "
+                f"`robustbench-mat download {cls.name}` to fetch it anew, or, if it is a copy "
+                f"you trust (a re-packed mirror), pass --skip-checksum"
+            )
         if item.extract:
             extract_archive(local, root / item.extract_to)
             local.unlink(missing_ok=True)
@@ -208,11 +304,15 @@ def _place(root: Path, item: UpstreamFile) -> bool:
 
 
 def prepare_dataset(
-    cls: type[FileDataset], data_dir: str | Path | None, show_progress: bool = True
+    cls: type[FileDataset],
+    data_dir: str | Path | None,
+    show_progress: bool = True,
+    verify: bool = True,
 ) -> list[Path]:
-    """Convert the upstream files already in `<data_dir>/<folder>` (no network)."""
+    """Convert the upstream files already in `<data_dir>/<folder>` (no network); `verify=False`
+    accepts files whose checksum differs from the published ones."""
     root = cls.dataset_root(data_dir)
-    missing = [item for item in cls.upstream if not _place(root, item)]
+    missing = [item for item in cls.upstream if not _place(cls, root, item, verify)]
     if missing:
         raise UserError(
             f"dataset {cls.name}: upstream files missing in {root}: "
@@ -227,29 +327,44 @@ def prepare_dataset(
     return written
 
 
+def _download(item: UpstreamFile, root: Path, show_progress: bool, verify: bool) -> list[str]:
+    """Fetch `item` from its address, else from each mirror in turn; the failures, if all fail."""
+    failures = []
+    for url in item.urls:
+        try:
+            fetch(url, root / item.filename, item.checksums if verify else (), show_progress)
+        except DownloadError as error:
+            failures.append(f"{url}: {error}")
+            continue
+        return []
+    return failures
+
+
 def download_dataset(
-    cls: type[FileDataset], data_dir: str | Path | None, show_progress: bool = True
+    cls: type[FileDataset],
+    data_dir: str | Path | None,
+    show_progress: bool = True,
+    verify: bool = True,
 ) -> list[Path]:
     """Fetch the upstream files that are not in place yet, then `prepare_dataset`."""
     root = cls.dataset_root(data_dir)
     root.mkdir(parents=True, exist_ok=True)
     for item in cls.upstream:
-        if _place(root, item):
+        if _place(cls, root, item, verify):
             continue
-        try:
-            fetch(item.url, root / item.filename, item.checksum, show_progress)
-        except DownloadError as error:
+        failures = _download(item, root, show_progress, verify)
+        if failures:
             raise UserError(
-                f"could not download {item.url} ({error}). Partial downloads are kept and "
-                f"resumed if you run the command again. To set the dataset up by hand: "
-                + manual_instructions(cls, data_dir)
-            ) from None
-        if not _place(root, item):
+                f"could not download {item.filename} ({'; '.join(failures)}). Partial downloads "
+                f"are kept and resumed if you run the command again. To set the dataset up by "
+                f"hand: " + manual_instructions(cls, data_dir)
+            )
+        if not _place(cls, root, item, verify=False):  # `fetch` verified it
             raise UserError(
                 f"{root / item.filename} did not provide {', '.join(item.provides)}; "
                 + manual_instructions(cls, data_dir)
             )
-    return prepare_dataset(cls, data_dir, show_progress)
+    return prepare_dataset(cls, data_dir, show_progress, verify)
 
 
 def dataset_class(name: str) -> type[FileDataset]:

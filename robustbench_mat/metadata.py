@@ -38,20 +38,49 @@ def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
 class UpstreamFile:
     """One file a dataset is built from, as its authors publish it.
 
-    `filename` is where the download is stored (relative to the dataset's folder). An archive
-    (`extract=True`) is unpacked into `extract_to` (relative to the dataset's folder) and then
-    deleted. `provides` lists the paths or glob patterns (relative to the folder) that exist once
-    the file is in place, extracted if needed: `prepare` checks them. `checksum` is
-    `sha256:<hex>` or `md5:<hex>` where the upstream file is stable, else None.
+    `filename` is where the download is stored (relative to the dataset's folder). `url` is
+    tried first, then each of `mirrors` (copies of the same file elsewhere, e.g. on Google
+    Drive). An archive (`extract=True`) is unpacked into `extract_to` (relative to the dataset's
+    folder) and then deleted. `provides` lists the paths or glob patterns (relative to the
+    folder) that exist once the file is in place, extracted if needed: `prepare` checks them.
+    `checksums` are the digests a good copy may have (`sha256:<hex>` or `md5:<hex>`; any one
+    matching is enough), declared only where the upstream file is stable and its digest is
+    published; empty means unverified.
     """
 
     url: str
     filename: str
     provides: tuple[str, ...]
-    checksum: str | None = None
+    checksums: tuple[str, ...] = ()
     extract: bool = False
     note: str = ""
     extract_to: str = "."
+    mirrors: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for checksum in self.checksums:
+            algorithm, _, digest = checksum.partition(":")
+            size = CHECKSUM_HEX_LENGTHS.get(algorithm)
+            if size is None or len(digest) != size or not _is_hex(digest):
+                raise ValueError(
+                    f"{self.filename}: checksum {checksum!r} is not 'sha256:<64 hex>' or "
+                    f"'md5:<32 hex>'"
+                )
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return (self.url, *self.mirrors)
+
+
+CHECKSUM_HEX_LENGTHS = {"sha256": 64, "md5": 32}
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        int(text, 16)
+    except ValueError:
+        return False
+    return True
 
 
 def _line(index: int) -> int:

@@ -17,7 +17,7 @@ from robustbench_mat.runner import RunSpec, run
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     write_celeba(tmp_path / "data" / "celeba")
-    prepare_dataset(CelebA, tmp_path / "data", show_progress=False)
+    prepare_dataset(CelebA, tmp_path / "data", show_progress=False, verify=False)
     return tmp_path / "data"
 
 
@@ -35,12 +35,18 @@ def test_transform_crops_the_face_and_resizes(data):
     assert x.shape == (1, 3, 64, 64)
 
 
+def test_text_files_are_checked_against_the_published_md5(tmp_path):
+    write_celeba(tmp_path / "data" / "celeba")  # fixtures: not the published files
+    with pytest.raises(UserError, match="checksum mismatch for list_eval_partition.txt.*md5"):
+        prepare_dataset(CelebA, tmp_path / "data", show_progress=False)
+
+
 def test_mismatched_files_are_reported(tmp_path):
     root = write_celeba(tmp_path / "data" / "celeba")
     partition = root / "list_eval_partition.txt"
     partition.write_text("\n".join(partition.read_text().splitlines()[:-1]) + "\n")
     with pytest.raises(UserError, match="image rows but"):
-        prepare_dataset(CelebA, tmp_path / "data", show_progress=False)
+        prepare_dataset(CelebA, tmp_path / "data", show_progress=False, verify=False)
 
 
 def test_bad_partition_line_is_named(tmp_path):
@@ -48,7 +54,7 @@ def test_bad_partition_line_is_named(tmp_path):
     partition = root / "list_eval_partition.txt"
     partition.write_text(partition.read_text().replace(" 0\n", " 5\n", 1))
     with pytest.raises(UserError, match=r"list_eval_partition.txt, line \d+"):
-        prepare_dataset(CelebA, tmp_path / "data", show_progress=False)
+        prepare_dataset(CelebA, tmp_path / "data", show_progress=False, verify=False)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import threading
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from upstream_fixtures import tar_folder, write_waterbirds
 from robustbench_mat.cli import main
 from robustbench_mat.datasets.waterbirds import Waterbirds
 from robustbench_mat.download import (
+    DownloadError,
     dataset_class,
     download_dataset,
     extract_archive,
@@ -33,14 +35,19 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        address = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(address.query))
+        if address.path == "/uc" and "confirm" not in query:
+            self._page(_drive_page(query["id"], f"http://{self.headers['Host']}"))
+            return
+        if address.path in ("/uc", "/download"):  # past the confirmation: the file `id`
+            if query.get("confirm") not in ("t", "AbCd"):
+                self.send_error(403)
+                return
+            self.path = "/" + query["id"]
         path = Path(self.translate_path(self.path))
         if path.name == "page.bin":
-            body = b"<html>quota exceeded</html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self._page("<html>sign in</html>")
             return
         if not path.is_file():
             self.send_error(404)
@@ -57,6 +64,40 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
         self.wfile.write(data[start:])
+
+    def _page(self, text: str) -> None:
+        body = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _drive_page(file_id: str, base: str) -> str:
+    """Google Drive's answer to the address of a large file (or of one over its quota)."""
+    if file_id.startswith("quota"):
+        return (
+            "<html><head><title>Google Drive - Quota exceeded</title></head><body><p>Too many "
+            "users have viewed or downloaded this file recently.</p></body></html>"
+        )
+    if file_id.startswith("old"):  # the anchor of the pages before 2024
+        return (
+            '<html><body><a id="uc-download-link" class="goog-inline-block jfk-button" '
+            f'href="/uc?export=download&amp;confirm=AbCd&amp;id={file_id}">Download anyway</a>'
+            "</body></html>"
+        )
+    return (
+        "<!DOCTYPE html><html><head><title>Google Drive - Virus scan warning</title></head>"
+        '<body><div class="uc-main"><p class="uc-warning-caption">Google Drive can\'t scan this '
+        'file for viruses.</p><form id="download-form" '
+        f'action="{base}/download" method="get"><input type="submit" id="uc-download-link" '
+        'value="Download anyway"/>'
+        f'<input type="hidden" name="id" value="{file_id}">'
+        '<input type="hidden" name="export" value="download">'
+        '<input type="hidden" name="confirm" value="t">'
+        '<input type="hidden" name="uuid" value="0c6f1e5a"></form></div></body></html>'
+    )
 
 
 @pytest.fixture
@@ -77,8 +118,8 @@ def server(tmp_path: Path):
     httpd.server_close()
 
 
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+def _sha(data: bytes) -> tuple[str]:
+    return ("sha256:" + hashlib.sha256(data).hexdigest(),)
 
 
 def test_fetch_downloads_and_verifies(server, tmp_path):
@@ -104,17 +145,55 @@ def test_fetch_resumes_a_partial_download(server, tmp_path):
 def test_checksum_mismatch_deletes_the_file(server, tmp_path):
     base, served = server
     (served / "file.bin").write_bytes(b"changed upstream")
-    with pytest.raises(UserError, match="checksum mismatch.*deleted.*retry"):
+    with pytest.raises(DownloadError, match="checksum mismatch.*deleted"):
         fetch(f"{base}/file.bin", tmp_path / "file.bin", _sha(b"original"), False)
     assert not list(tmp_path.glob("file.bin*"))
 
 
-def test_an_html_page_instead_of_the_file_is_reported(server, tmp_path):
-    from robustbench_mat.download import DownloadError
+def test_any_of_the_published_checksums_is_accepted(server, tmp_path):
+    base, served = server
+    payload = b"the published file"
+    (served / "file.bin").write_bytes(payload)
+    accepted = ("md5:" + hashlib.md5(payload).hexdigest(), *_sha(b"another copy"))
+    assert fetch(f"{base}/file.bin", tmp_path / "file.bin", accepted, False).exists()
 
+
+def test_malformed_checksum_declarations_are_refused():
+    with pytest.raises(ValueError, match="sha256:<64 hex>"):
+        UpstreamFile(url="u", filename="f", provides=("f",), checksums=("sha256:abc",))
+    with pytest.raises(ValueError, match="crc32"):
+        UpstreamFile(url="u", filename="f", provides=("f",), checksums=("crc32:" + "0" * 8,))
+
+
+def test_an_html_page_instead_of_the_file_is_reported(server, tmp_path):
     base, _ = server
     with pytest.raises(DownloadError, match="web page"):
-        fetch(f"{base}/page.bin", tmp_path / "page.bin", None, False)
+        fetch(f"{base}/page.bin", tmp_path / "page.bin", (), False)
+
+
+@pytest.mark.parametrize("file_id", ["big.bin", "old.bin"])
+def test_google_drive_confirmation_page_is_passed(server, tmp_path, file_id):
+    base, served = server
+    payload = bytes(range(256)) * 400
+    (served / file_id).write_bytes(payload)
+    target = fetch(f"{base}/uc?export=download&id={file_id}", tmp_path / "f", _sha(payload), False)
+    assert target.read_bytes() == payload
+
+
+def test_google_drive_download_resumes_past_the_confirmation_page(server, tmp_path):
+    base, served = server
+    payload = bytes(range(256)) * 400
+    (served / "big.bin").write_bytes(payload)
+    (tmp_path / "f.part").write_bytes(payload[:5000])
+    fetch(f"{base}/uc?export=download&id=big.bin", tmp_path / "f", _sha(payload), False)
+    assert (tmp_path / "f").read_bytes() == payload
+    assert _Handler.ranges == ["bytes=5000-"]
+
+
+def test_google_drive_quota_page_is_named(server, tmp_path):
+    base, _ = server
+    with pytest.raises(DownloadError, match="quota is exceeded.*24 hours"):
+        fetch(f"{base}/uc?export=download&id=quota.bin", tmp_path / "f", (), False)
 
 
 def test_corrupt_archive_is_deleted_and_leaves_nothing(tmp_path):
@@ -151,7 +230,7 @@ def served_waterbirds(server, tmp_path, monkeypatch):
         url=f"{base}/waterbirds.tar.gz",
         filename=item.filename,
         provides=item.provides,
-        checksum=_sha(archive.read_bytes()),
+        checksums=_sha(archive.read_bytes()),
         extract=True,
     )
     monkeypatch.setattr(Waterbirds, "upstream", (patched,))
@@ -231,3 +310,54 @@ def test_download_skips_files_in_place(served_waterbirds, tmp_path):
     calls = len(_Handler.ranges)
     download_dataset(Waterbirds, data, show_progress=False)
     assert len(_Handler.ranges) == calls
+
+
+def _waterbirds_from(urls: list[str], checksums: tuple[str, ...] = ()) -> UpstreamFile:
+    item = Waterbirds.upstream[0]
+    return UpstreamFile(
+        url=urls[0],
+        mirrors=tuple(urls[1:]),
+        filename=item.filename,
+        provides=item.provides,
+        checksums=checksums,
+        extract=True,
+    )
+
+
+def test_a_mirror_serves_when_the_first_address_fails(server, tmp_path, monkeypatch):
+    base, served = server
+    archive = tar_folder(write_waterbirds(tmp_path / "upstream"), served / "w.tar.gz")
+    (served / "changed.tar.gz").write_bytes(b"not the published archive")
+    urls = [f"{base}/gone.tar.gz", f"{base}/changed.tar.gz", f"{base}/w.tar.gz"]
+    item = _waterbirds_from(urls, _sha(archive.read_bytes()))
+    monkeypatch.setattr(Waterbirds, "upstream", (item,))
+    download_dataset(Waterbirds, tmp_path / "data", show_progress=False)
+    assert (tmp_path / "data" / "waterbirds" / "metadata_waterbirds.csv").is_file()
+
+
+def test_every_failed_address_is_named(server, tmp_path, monkeypatch):
+    base, _ = server
+    urls = [f"{base}/gone.tar.gz", f"{base}/uc?export=download&id=quota.bin"]
+    monkeypatch.setattr(Waterbirds, "upstream", (_waterbirds_from(urls),))
+    with pytest.raises(UserError) as caught:
+        download_dataset(Waterbirds, tmp_path / "data", show_progress=False)
+    message = str(caught.value)
+    assert f"{urls[0]}: HTTP 404" in message
+    assert f"{urls[1]}: Google Drive refuses the file" in message
+    assert f"download {urls[0]} or {urls[1]} to" in message
+
+
+def test_a_file_placed_by_hand_is_checked_and_kept(served_waterbirds, tmp_path, capsys):
+    folder = write_waterbirds(tmp_path / "repacked")
+    (folder / "README.txt").write_text("re-packed by a mirror")
+    root = tmp_path / "data" / "waterbirds"
+    root.mkdir(parents=True)
+    placed = root / Waterbirds.upstream[0].filename
+    tar_folder(folder, placed)
+    args = ["prepare", "waterbirds", "--data-dir", str(tmp_path / "data"), "--quiet"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"checksum mismatch for {placed.name}" in err and "--skip-checksum" in err
+    assert placed.exists()  # the user's copy is not deleted
+    assert main([*args, "--skip-checksum"]) == 0
+    assert (root / "metadata_waterbirds.csv").is_file()
