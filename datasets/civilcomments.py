@@ -6,7 +6,7 @@ Two datasets share this module: `civilcomments` (coarse) and `civilcomments-fine
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -125,6 +125,11 @@ class _CivilComments(TextBenchmark):
             "too",
         ),
     )
+
+    def default_hparams(self) -> dict[str, Any]:
+        # Class-balanced batches (88% of training comments are non-toxic), as the MAT paper's
+        # code trains on CivilComments.
+        return {**super().default_hparams(), "class_balanced": True}
 
     @classmethod
     def convert(cls, root: Path) -> list[Path]:

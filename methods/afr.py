@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from optuna.distributions import FloatDistribution
 
-from robustbench_mat.backbones import split_head
+from robustbench_mat.backbones import check_head_split, split_head
 from robustbench_mat.data import BenchmarkDataset, EvalGroups, GroupedSplit
 from robustbench_mat.errors import UserError
 from robustbench_mat.evaluation import predict
@@ -61,9 +61,11 @@ class AFR(Method):
     SGD (no momentum, no weight decay) at the run's learning rate, minimising
     sum_i w_i CE_i + λ (|W - W0|^2 + |b - b0|^2). The weights w_i ∝ exp(-γ p_i(y_i)), with
     p_i the stage-1 model's softmax, are class re-balanced and sum to one; (W0, b0) is the
-    stage-1 last layer, where stage 2 starts. Without a bias-free architecture change: for a
-    single linear layer (synthetic) the features are the inputs. No group label is used for
-    training; γ and λ are selected on validation worst-group accuracy (the paper's regime).
+    stage-1 last layer, where stage 2 starts. Without a bias-free architecture change. The last
+    layer is the model's last nn.Linear (`split_head`: a ResNet's fc, a text classifier's
+    classifier; for a single linear layer, as in synthetic, the features are the inputs). No
+    group label is used for training; γ and λ are selected on validation worst-group accuracy
+    (the paper's regime).
     """
 
     paper = (
@@ -90,7 +92,8 @@ class AFR(Method):
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__(dataset, hparams)
         self.stage1_hp = hparams
-        self.hp = {**hparams, "batch_size": 0}  # stage 2 is full batch
+        # Stage 2 is full batch; its weights re-balance the classes themselves.
+        self.hp = {**hparams, "batch_size": 0, "class_balanced": False}
         n = len(self.dataset.split("train"))
         n_stage1 = round(hparams["train_prop"] * n)
         if not 0 < n_stage1 < n:
@@ -113,6 +116,8 @@ class AFR(Method):
         self.eval()
         device = context.plan.device
         heldout = subset_split(self.dataset.split("train"), self.heldout_part.cpu())
+        sample = heldout.fetch(torch.arange(min(8, len(heldout)))).to(device)
+        check_head_split(self.model, self.features, self.head, sample)
         embeddings = predict(
             self.features, heldout, device, self.dataset.eval_batch_size
         ).clone()  # not an inference tensor

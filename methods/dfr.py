@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from optuna.distributions import FloatDistribution
 from torch import nn
 
-from robustbench_mat.backbones import split_head
+from robustbench_mat.backbones import check_head_split, split_head
 from robustbench_mat.data import BenchmarkDataset, GroupedSplit
 from robustbench_mat.errors import UserError
 from robustbench_mat.evaluation import predict
@@ -32,13 +32,14 @@ class DFR(Method):
     Stage 1 trains ERM on the whole training split for `first_stage_frac` x (the run's steps)
     steps. The validation split is cut at random in two halves: the fitting half, subsampled so
     that every group has as many examples as the smallest one, and the selection half. Stage 2,
-    the run's main loop, freezes the stage-1 features and fits a fresh last layer (with bias,
-    started at zero) on the balanced fitting half by full-batch gradient descent on
-    mean CE + `l1` |W|_1, on features standardised with the fitting set's mean and standard
-    deviation (`standardize`, as the paper's code). All val_* metrics, hence the selected step
-    and any tuning of `l1`, are measured on the selection half only. Needs validation group
-    labels (DFR^Tr_Val); training group labels are not used. The paper's averaging of the
-    weights over several balanced subsets is not implemented.
+    the run's main loop, freezes the stage-1 features (the model up to its last nn.Linear,
+    `split_head`) and fits a fresh last layer (with bias, started at zero) on the balanced
+    fitting half by full-batch gradient descent on mean CE + `l1` |W|_1, on features
+    standardised with the fitting set's mean and standard deviation (`standardize`, as the
+    paper's code). All val_* metrics, hence the selected step and any tuning of `l1`, are
+    measured on the selection half only. Needs validation group labels (DFR^Tr_Val); training
+    group labels are not used. The paper's averaging of the weights over several balanced
+    subsets is not implemented.
     """
 
     paper = (
@@ -61,7 +62,8 @@ class DFR(Method):
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__(dataset, hparams)
         self.stage1_hp = hparams
-        self.hp = {**hparams, "batch_size": 0}  # the last layer is fitted full batch
+        # The last layer is fitted full batch, on a fitting set already balanced by group.
+        self.hp = {**hparams, "batch_size": 0, "class_balanced": False}
         val = self.dataset.split("val")
         if len(val) < 2:
             raise UserError("dfr needs at least two validation examples (fit and select halves)")
@@ -88,6 +90,8 @@ class DFR(Method):
         self.model.requires_grad_(False)
         self.eval()
         fit = subset_split(self.dataset.split("val"), self.fit_indices.cpu())
+        sample = fit.fetch(torch.arange(min(8, len(fit)))).to(context.plan.device)
+        check_head_split(self.model, self.features, split_head(self.model)[1], sample)
         embeddings = predict(self.features, fit, context.plan.device, self.dataset.eval_batch_size)
         if self.hp["standardize"]:
             self.feature_mean.copy_(embeddings.mean(0))
@@ -98,6 +102,7 @@ class DFR(Method):
     def train(self, mode: bool = True) -> DFR:
         super().train(mode)
         self.model.eval()  # frozen: batch-norm statistics stay those of stage 1
+        self.features.eval()  # its own copies of the modules on the way to the stage-1 head
         return self
 
     def train_split(self) -> GroupedSplit:

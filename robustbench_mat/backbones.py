@@ -33,22 +33,74 @@ def mlp(
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """(feature extractor, last linear layer) of `model`, sharing its modules.
+    """(feature extractor, last linear layer) of `model`, sharing its modules and parameters.
 
-    A single `nn.Linear` is its own head on the raw inputs (the features are the identity); an
-    `nn.Sequential` ending in `nn.Linear` splits into everything before it and that layer. Used
-    by the methods that retrain only the last layer (AFR, DFR).
+    The head is the last `nn.Linear` in `model.named_modules()` (a ResNet's `fc`, a Hugging Face
+    classifier's `classifier`); the features are `model` with the head replaced by the identity
+    (a view: freezing, moving or putting it in eval mode acts on `model`). A single `nn.Linear`
+    is its own head on the raw inputs (identity features); an `nn.Sequential` ending in one
+    splits into `model[:-1]` and that layer. `check_head_split` verifies the split on inputs.
+    Used by the methods that retrain only the last layer (AFR, DFR).
     """
     if isinstance(model, nn.Linear):
         return nn.Identity(), model
     if isinstance(model, nn.Sequential) and len(model) > 0 and isinstance(model[-1], nn.Linear):
         return model[:-1], model[-1]
-    from robustbench_mat.errors import UserError
-
-    raise UserError(
-        f"cannot find the last layer of a {type(model).__name__}: last-layer retraining needs "
-        "an nn.Linear or an nn.Sequential ending in one"
+    name = next(
+        (n for n, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None
     )
+    if name is None:
+        raise UserError(
+            f"cannot find the last layer of a {type(model).__name__}: last-layer retraining "
+            "needs a model with an nn.Linear output layer"
+        )
+    return _headless_view(model, name.split(".")), model.get_submodule(name)
+
+
+def _headless_view(module: nn.Module, path: list[str]) -> nn.Module:
+    """`module` with its submodule at `path` replaced by the identity: each module on the way is
+    a shallow copy with its own table of submodules; parameters, buffers, hooks and every other
+    submodule stay those of `module`."""
+    view = object.__new__(type(module))
+    view.__dict__.update(module.__dict__)
+    view.__dict__.pop("_compiled_call_impl", None)  # `module.compile()` compiled module's call
+    view._modules = dict(module._modules)
+    child, *rest = path
+    view._modules[child] = _headless_view(module._modules[child], rest) if rest else nn.Identity()
+    return view
+
+
+def check_head_split(
+    model: nn.Module, features: nn.Module, head: nn.Linear, sample_inputs: torch.Tensor
+) -> None:
+    """Raise a UserError unless `head(features(x))` is `model(x)` on `sample_inputs` (in eval
+    mode, without gradients): a model that does something after its last linear layer cannot be
+    split by `split_head`. The modules' train/eval modes are restored afterwards."""
+    modes = {m: m.training for part in (model, features, head) for m in part.modules()}
+    problem = None
+    try:
+        for part in (model, features, head):
+            part.eval()
+        with torch.no_grad():
+            expected = model(sample_inputs)
+            try:
+                split = head(features(sample_inputs))
+            except RuntimeError as error:
+                problem = f"the split model fails: {str(error).splitlines()[0]}"
+            else:
+                if split.shape != expected.shape or not torch.allclose(
+                    split.float(), expected.float(), rtol=1e-3, atol=1e-4
+                ):
+                    problem = "the model's outputs are not the head's outputs on the features"
+    finally:
+        for module, training in modes.items():
+            module.training = training
+    if problem is not None:
+        raise UserError(
+            f"cannot retrain the last layer of a {type(model).__name__}: its last nn.Linear "
+            f"({head.in_features} -> {head.out_features}) is not its output layer ({problem}); "
+            "last-layer retraining needs a model whose logits are its last nn.Linear's outputs"
+        )
 
 
 # --- image and text backbones of the real benchmarks ------------------------------------------

@@ -188,12 +188,22 @@ def inverse_frequency_weights(labels: torch.Tensor, n_values: int) -> torch.Tens
     return 1.0 / counts[labels]
 
 
+def balance_classes(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`weights` rescaled so that every class present in `labels` has the same total weight;
+    the relative weights within a class are kept."""
+    mass = torch.zeros(int(labels.max()) + 1, dtype=torch.float64)
+    mass.index_add_(0, labels, weights.double())
+    return weights.double() / mass[labels]
+
+
 class BatchSchedule:
     """Which training examples each step sees, as a pure function of (seed, step).
 
     Uniform schedules shuffle once per epoch and draw fixed-size batches without replacement;
-    weighted schedules draw with replacement. Because nothing depends on the past, a resumed run
-    sees exactly the batches an uninterrupted one would have seen.
+    weighted schedules draw with replacement. `class_labels` (the labels of all examples) makes
+    the draws class-balanced: with replacement, every class equally often, the weights (if any)
+    kept within each class. Because nothing depends on the past, a resumed run sees exactly the
+    batches an uninterrupted one would have seen.
     """
 
     _WEIGHTED_CHUNK = 64
@@ -205,12 +215,17 @@ class BatchSchedule:
         seed: int,
         subset: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        class_labels: torch.Tensor | None = None,
     ) -> None:
         self.pool = subset if subset is not None else torch.arange(n_examples)
         self.batch_size = batch_size if 0 < batch_size < len(self.pool) else len(self.pool)
-        self.full_batch = weights is None and self.batch_size == len(self.pool)
         self.seed = seed
         self.weights = None if weights is None else weights[self.pool].double()
+        if class_labels is not None:
+            if self.weights is None:
+                self.weights = torch.ones(len(self.pool), dtype=torch.float64)
+            self.weights = balance_classes(self.weights, class_labels[self.pool])
+        self.full_batch = self.weights is None and self.batch_size == len(self.pool)
         self.batches_per_epoch = len(self.pool) // self.batch_size
         self._cache_key: int | None = None
         self._cache: torch.Tensor | None = None

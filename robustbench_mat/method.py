@@ -36,6 +36,11 @@ TRAINING_HPARAMS: dict[str, HParam] = {
     ),
     "optimizer": HParam("sgd", "optimiser", choices=OPTIMIZERS),
     "momentum": HParam(0.9, "SGD momentum"),
+    "class_balanced": HParam(
+        False,
+        "draw minibatches with replacement, every class equally often (the MAT paper's "
+        "balanced batches; the default on CivilComments)",
+    ),
 }
 
 

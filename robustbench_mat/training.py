@@ -120,9 +120,27 @@ class LoopResult:
 
 
 def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v for k, v in state.items()
-    }
+    """A CPU copy of a state dict. A tensor reachable under several names (a module shared by
+    two attributes, as AFR's and DFR's feature views) is copied once and stays shared, so it is
+    also saved once."""
+    copies: dict[tuple[Any, ...], torch.Tensor] = {}
+    copied: dict[str, Any] = {}
+    for name, value in state.items():
+        if not torch.is_tensor(value):
+            copied[name] = value
+            continue
+        key = (
+            value.device,
+            value.untyped_storage().data_ptr(),
+            value.storage_offset(),
+            tuple(value.shape),
+            value.stride(),
+            value.dtype,
+        )
+        if key not in copies:
+            copies[key] = value.detach().to("cpu", copy=True)
+        copied[name] = copies[key]
+    return copied
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -207,12 +225,15 @@ def train(
     if settings.evaluate_train:
         eval_splits.insert(0, dataset.split("train"))
     weights = train_group_weights(dataset.split("train"))
+    if method.hp.get("class_balanced") and dataset.task != "classification":
+        raise UserError(f"class_balanced needs classes; {dataset.name} is a {dataset.task} task")
     schedule = BatchSchedule(
         len(train_split),
         int(method.hp["batch_size"]),
         settings.seed,
         subset=method.train_subset(train_split),
         weights=method.train_weights(train_split),
+        class_labels=train_split.y if method.hp.get("class_balanced") else None,
     )
     stream = _Stream(train_split, schedule, device, settings.num_workers)
 

@@ -118,3 +118,31 @@ def test_erm_a_few_minilm_steps(data, workdir):
     assert result.final["step"] == 3
     assert np.isfinite(result.final["train_loss"])
     assert "test_group_acc.toxic-white" in result.final or "test_wga" in result.final
+
+
+def test_training_batches_are_class_balanced_by_default(data, workdir, monkeypatch):
+    from robustbench_mat.method import Method
+
+    seen = []
+    original = Method.loss
+
+    def recording_loss(self, batch):
+        seen.append(batch.y.clone())
+        return original(self, batch)
+
+    monkeypatch.setattr(Method, "loss", recording_loss)
+    spec = RunSpec(
+        method="erm",
+        dataset="civilcomments",
+        data_dir=data,
+        data_params=TEXT,
+        hparams={"batch_size": 16},
+        steps=4,
+        workdir=workdir,
+        show_progress=False,
+    )
+    run(spec)
+    toxic_in_train = CivilComments(data, **TEXT).split("train").y.float().mean().item()
+    toxic_in_batches = torch.cat(seen).float().mean().item()
+    assert toxic_in_train < 0.2
+    assert 0.3 < toxic_in_batches < 0.7  # 64 draws at probability 1/2

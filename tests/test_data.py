@@ -153,6 +153,32 @@ def test_subset_with_weights_only_draws_from_the_subset():
     assert len(drawn) > 40
 
 
+def test_class_balanced_schedule_draws_every_class_equally_often():
+    labels = torch.cat([torch.zeros(880), torch.ones(120)]).long()  # CivilComments' 88/12
+    schedule = BatchSchedule(1000, 32, seed=0, class_labels=labels)
+    assert not schedule.full_batch
+    draws = torch.cat([schedule.indices(s) for s in range(500)])  # 16,000 draws
+    frequencies = torch.bincount(labels[draws], minlength=2).double() / len(draws)
+    # Probability 1/2 each; the standard error is about 0.004.
+    assert torch.allclose(frequencies, torch.full((2,), 0.5, dtype=torch.float64), atol=0.02)
+
+
+def test_class_balance_keeps_the_weights_within_each_class():
+    labels = torch.tensor([0, 0, 0, 1])
+    weights = torch.tensor([1.0, 1.0, 2.0, 5.0])
+    schedule = BatchSchedule(4, 2, seed=0, weights=weights, class_labels=labels)
+    expected = torch.tensor([0.25, 0.25, 0.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(schedule.weights, expected)  # class totals 1 and 1, 1:1:2 inside
+
+
+def test_class_balance_counts_the_positions_of_a_subset_with_repeats():
+    labels = torch.tensor([0, 0, 1, 1])
+    subset = torch.tensor([0, 1, 2, 2, 2, 3])  # JTT-style upsampling of example 2
+    schedule = BatchSchedule(4, 2, seed=0, subset=subset, class_labels=labels)
+    expected = torch.tensor([0.5, 0.5, 0.25, 0.25, 0.25, 0.25], dtype=torch.float64)
+    assert torch.allclose(schedule.weights, expected)
+
+
 # --- EvalGroups and the group id ---------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import only_run_dir, stored_result
 from mlflow import MlflowClient
+from torch import nn
 
 from robustbench_mat.errors import RunFailed, UserError
 from robustbench_mat.methods.erm import ERM
@@ -280,3 +281,15 @@ def test_resume_with_checkpoints_between_evaluations_matches(workdir, make_workd
             run(spec(workdir, steps=100, eval_every=20, checkpoint_every=30))
     run(spec(workdir, steps=100, eval_every=20, checkpoint_every=30))
     assert history_csv(workdir) == history_csv(reference_dir)
+
+
+def test_best_state_copy_keeps_shared_tensors_shared():
+    from robustbench_mat.training import _cpu_copy
+
+    shared = nn.Linear(3, 2)
+    holder = nn.Module()
+    holder.model, holder.view = nn.Sequential(shared), nn.Sequential(shared)
+    copied = _cpu_copy(holder.state_dict())
+    assert copied["model.0.weight"] is copied["view.0.weight"]
+    assert copied["model.0.weight"].data_ptr() != shared.weight.data_ptr()  # a copy
+    assert torch.equal(copied["model.0.weight"], shared.weight)
