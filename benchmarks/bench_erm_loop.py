@@ -26,8 +26,13 @@ def shared_loop(dataset, hparams: dict, steps: int) -> tuple[float, torch.Tensor
     torch.manual_seed(0)
     method = METHODS.get("erm")(dataset, hparams)
     settings = LoopSettings(
-        steps=steps, eval_every=steps, seed=0, device=torch.device("cpu"), criterion="val_wga",
-        train_groups_visible=True, show_progress=False,
+        steps=steps,
+        eval_every=steps,
+        seed=0,
+        device=torch.device("cpu"),
+        criterion="val_wga",
+        train_groups_visible=True,
+        show_progress=False,
     )
     start = time.perf_counter()
     train(method, dataset, settings)
@@ -39,9 +44,12 @@ def bare_loop(dataset, hparams: dict, steps: int) -> tuple[float, torch.Tensor]:
     model = dataset.build_model()
     train_split = dataset.split("train")
     x, y = train_split.inputs, train_split.y
-    optimizer = torch.optim.SGD(model.parameters(), lr=hparams["lr"],
-                                momentum=hparams["momentum"],
-                                weight_decay=hparams["weight_decay"])
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=hparams["lr"],
+        momentum=hparams["momentum"],
+        weight_decay=hparams["weight_decay"],
+    )
     schedule = BatchSchedule(len(y), hparams["batch_size"], seed=0)
     start = time.perf_counter()
     for step in range(steps):
@@ -64,8 +72,10 @@ def main() -> None:
     args = parser.parse_args()
     dataset = DATASETS.get("synthetic")()
     erm = METHODS.get("erm")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, "
-          f"median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} steps, "
+        f"median of {args.repeats}"
+    )
     for batch_size in (0, 100):
         hparams = {name: spec.default for name, spec in erm.hparam_specs(dataset).items()}
         hparams["batch_size"] = batch_size
@@ -78,8 +88,10 @@ def main() -> None:
             shared.append(t_shared)
         b, s = statistics.median(bare), statistics.median(shared)
         label = "full batch" if batch_size == 0 else f"batch {batch_size}"
-        print(f"{label:>10}: bare {b:.3f} s, shared loop {s:.3f} s, ratio {s / b:.3f} "
-              f"(same final weights: yes)")
+        print(
+            f"{label:>10}: bare {b:.3f} s, shared loop {s:.3f} s, ratio {s / b:.3f} "
+            f"(same final weights: yes)"
+        )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,18 @@ def bare_updates(seed: int) -> float:
 def command_time(seed: int, plot: bool) -> float:
     cli = Path(sys.executable).with_name("robustbench-mat")
     with tempfile.TemporaryDirectory() as workdir:
-        args = [str(cli), "experiment", "figure1", "--seeds", str(seed), "--quiet",
-                "--device", "cpu", "--workdir", workdir]
+        args = [
+            str(cli),
+            "experiment",
+            "figure1",
+            "--seeds",
+            str(seed),
+            "--quiet",
+            "--device",
+            "cpu",
+            "--workdir",
+            workdir,
+        ]
         if not plot:
             args.append("--no-plot")
         start = time.perf_counter()
@@ -88,8 +98,10 @@ def main() -> None:
     for plot in (False, True):
         wall = command_time(args.seed, plot)
         label = "with plots" if plot else "without plots"
-        print(f"experiment figure1, one seed, {label}: {wall:.2f} s "
-              f"(ratio to the bare loop {wall / bare:.1f})")
+        print(
+            f"experiment figure1, one seed, {label}: {wall:.2f} s "
+            f"(ratio to the bare loop {wall / bare:.1f})"
+        )
 
 
 if __name__ == "__main__":

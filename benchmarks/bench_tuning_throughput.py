@@ -26,18 +26,45 @@ import optuna
 def throughput(workers: int, trials: int) -> tuple[float, float]:
     cli = Path(sys.executable).with_name("robustbench-mat")
     with tempfile.TemporaryDirectory() as workdir:
-        command = [str(cli), "tune", "--method", "erm", "--dataset", "synthetic",
-                   "--trials", str(trials), "--seeds", "1", "--steps", "3000",
-                   "--eval-every", "500", "--set", "batch_size=128", "--no-prune", "--quiet",
-                   "--workers", str(workers), "--device", "cpu", "--workdir", workdir,
-                   "--data", "n=4000", "dim=512"]
+        command = [
+            str(cli),
+            "tune",
+            "--method",
+            "erm",
+            "--dataset",
+            "synthetic",
+            "--trials",
+            str(trials),
+            "--seeds",
+            "1",
+            "--steps",
+            "3000",
+            "--eval-every",
+            "500",
+            "--set",
+            "batch_size=128",
+            "--no-prune",
+            "--quiet",
+            "--workers",
+            str(workers),
+            "--device",
+            "cpu",
+            "--workdir",
+            workdir,
+            "--data",
+            "n=4000",
+            "dim=512",
+        ]
         start = time.perf_counter()
         subprocess.run(command, check=True, capture_output=True)
         wall = time.perf_counter() - start
         storage = f"sqlite:///{workdir}/optuna.db"
         (name,) = optuna.get_all_study_names(storage)
-        done = [t for t in optuna.load_study(study_name=name, storage=storage).trials
-                if t.state == optuna.trial.TrialState.COMPLETE]
+        done = [
+            t
+            for t in optuna.load_study(study_name=name, storage=storage).trials
+            if t.state == optuna.trial.TrialState.COMPLETE
+        ]
         phase = max(t.datetime_complete for t in done) - min(t.datetime_start for t in done)
         return trials / wall * 60, len(done) / phase.total_seconds() * 60
 
@@ -48,8 +75,10 @@ def main() -> None:
     args = parser.parse_args()
     one, two = throughput(1, args.trials), throughput(2, args.trials)
     for label, index in (("end to end", 0), ("trial phase", 1)):
-        print(f"{label:>11}: 1 worker {one[index]:.1f} trials/min, 2 workers "
-              f"{two[index]:.1f} trials/min, speed-up {two[index] / one[index]:.2f}x")
+        print(
+            f"{label:>11}: 1 worker {one[index]:.1f} trials/min, 2 workers "
+            f"{two[index]:.1f} trials/min, speed-up {two[index] / one[index]:.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,9 @@ class StageContext:
         self.run_dir, self.run_id = Path(run_dir), "test"
         self.settings = SimpleNamespace(steps=steps)
         self.plan = SimpleNamespace(device=torch.device("cpu"))
-        self.tracker = SimpleNamespace(log_artifact=lambda *a, **k: None,
-                                       log_metrics=lambda *a, **k: None)
+        self.tracker = SimpleNamespace(
+            log_artifact=lambda *a, **k: None, log_metrics=lambda *a, **k: None
+        )
         self.stages: list[tuple[str, dict, int]] = []
 
     def train_stage(self, name, method, steps, eval_every=None):
@@ -41,9 +42,15 @@ class StageContext:
 
         initial = {k: v.detach().clone() for k, v in method.state_dict().items()}
         self.stages.append((name, initial, steps))
-        settings = LoopSettings(steps=steps, eval_every=steps, seed=0,
-                                device=self.plan.device, criterion="val_wga",
-                                train_groups_visible=False, show_progress=False)
+        settings = LoopSettings(
+            steps=steps,
+            eval_every=steps,
+            seed=0,
+            device=self.plan.device,
+            criterion="val_wga",
+            train_groups_visible=False,
+            show_progress=False,
+        )
         return train(method, method.dataset, settings)
 
 
@@ -53,8 +60,16 @@ def run_tiny(workdir: Path, method: str, **overrides):
 
     from robustbench_mat.runner import RunSpec, run
 
-    spec = dict(method=method, dataset="synthetic", seed=0, steps=20, eval_every=10,
-                data_params={"n": 200, "dim": 20}, workdir=workdir, show_progress=False)
+    spec = dict(
+        method=method,
+        dataset="synthetic",
+        seed=0,
+        steps=20,
+        eval_every=10,
+        data_params={"n": 200, "dim": 20},
+        workdir=workdir,
+        show_progress=False,
+    )
     spec.update(overrides)
     result = run(RunSpec(**spec))
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")

@@ -26,8 +26,13 @@ def _draw_frequencies(name: str, batch_size: int, steps: int) -> tuple[torch.Ten
     """Frequencies of the groups and of the classes over `steps` batches of the schedule."""
     dataset, method = _method(name)
     train = dataset.split("train")
-    schedule = BatchSchedule(len(train), batch_size, seed=0,
-                             subset=method.train_subset(train), weights=method.train_weights(train))
+    schedule = BatchSchedule(
+        len(train),
+        batch_size,
+        seed=0,
+        subset=method.train_subset(train),
+        weights=method.train_weights(train),
+    )
     drawn = torch.cat([schedule.indices(step) for step in range(steps)])
     groups = torch.bincount(train.g[drawn], minlength=4).double() / len(drawn)
     classes = torch.bincount(train.y[drawn], minlength=2).double() / len(drawn)
@@ -65,8 +70,9 @@ def test_reweighting_gives_balanced_frequencies_over_many_draws(name: str) -> No
     groups, classes = _draw_frequencies(name, batch_size=64, steps=400)  # 25 600 draws
     n = 4 if name == "rwg" else 2
     frequencies = groups if name == "rwg" else classes
-    torch.testing.assert_close(frequencies, torch.full((n,), 1.0 / n, dtype=torch.double),
-                               atol=0.015, rtol=0)
+    torch.testing.assert_close(
+        frequencies, torch.full((n,), 1.0 / n, dtype=torch.double), atol=0.015, rtol=0
+    )
     if name == "rwy":  # class balance keeps the spurious correlation inside each class
         assert groups.min() < 0.1
 

@@ -73,9 +73,10 @@ def test_correction_is_added_in_training_only() -> None:
     shift, _ = other.correction(batch, biased)
     with torch.no_grad():
         target = method.model["target"](train.inputs)
-        expected = F.cross_entropy(target + shift, train.y) + generalized_cross_entropy(
-            biased, train.y, 0.7
-        ).mean()
+        expected = (
+            F.cross_entropy(target + shift, train.y)
+            + generalized_cross_entropy(biased, train.y, 0.7).mean()
+        )
     torch.testing.assert_close(method.loss(batch), expected)
     x = dataset.split("test").inputs
     torch.testing.assert_close(method.predict(x), method.model["target"](x))

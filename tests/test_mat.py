@@ -69,8 +69,9 @@ def test_three_class_shift_with_a_missing_class() -> None:
     # p(y | y_ho) rows: [6/7, 0, 1/7], [3/5, 0, 2/5], [1/8, 0, 7/8]
     rows = torch.tensor([[6 / 7, 0, 1 / 7], [3 / 5, 0, 2 / 5], [1 / 8, 0, 7 / 8]])
     expected = torch.tensor([[0.6, 0.3, 0.1], [0.1, 0.2, 0.7]]) @ rows
-    torch.testing.assert_close(expected[0], torch.tensor([0.706786, 0.0, 0.293214]), atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        expected[0], torch.tensor([0.706786, 0.0, 0.293214]), atol=1e-6, rtol=0
+    )
     shift = calibrated_log_prior(heldout, y, 3, 1.0)
     assert shift.shape == (2, 3)
     torch.testing.assert_close(shift, (expected + EPS).log())
@@ -85,8 +86,16 @@ def _small_mat(calibration: str, heldout: torch.Tensor | None = None):
     hparams.update(calibration=calibration, temperature=0.5)
     torch.manual_seed(0)
     method = MAT(dataset, hparams)
-    inferred = InferredGroups("xrm-infer", dataset.name, dataset.fingerprint(), 0, {}, heldout,
-                              torch.zeros_like(y), torch.zeros_like(dataset.split("val").y))
+    inferred = InferredGroups(
+        "xrm-infer",
+        dataset.name,
+        dataset.fingerprint(),
+        0,
+        {},
+        heldout,
+        torch.zeros_like(y),
+        torch.zeros_like(dataset.split("val").y),
+    )
     method.prepare(SimpleNamespace(inferred=inferred))
     return dataset, method, heldout, y
 
@@ -136,12 +145,26 @@ def test_mat_with_a_uniform_held_out_model_trains_exactly_like_erm() -> None:
         method = cls(dataset, hparams)
         method.train_subset = lambda train: balanced  # full batch of 15 + 15 examples
         if method_name == "mat":
-            inferred = InferredGroups("xrm-infer", dataset.name, "", 0, {}, uniform,
-                                      torch.zeros_like(y), torch.zeros_like(y))
+            inferred = InferredGroups(
+                "xrm-infer",
+                dataset.name,
+                "",
+                0,
+                {},
+                uniform,
+                torch.zeros_like(y),
+                torch.zeros_like(y),
+            )
             method.prepare(SimpleNamespace(inferred=inferred))
-        settings = LoopSettings(steps=30, eval_every=30, seed=0, device=torch.device("cpu"),
-                                criterion="val_wga", train_groups_visible=False,
-                                show_progress=False)
+        settings = LoopSettings(
+            steps=30,
+            eval_every=30,
+            seed=0,
+            device=torch.device("cpu"),
+            criterion="val_wga",
+            train_groups_visible=False,
+            show_progress=False,
+        )
         train(method, dataset, settings)
         return method.model.weight.detach()
 

@@ -17,9 +17,22 @@ CLI = Path(sys.executable).with_name("robustbench-mat")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("plugin-site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(EXAMPLE)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return target
 
@@ -39,9 +52,26 @@ def test_installed_plugin_is_listed_with_its_package(plugin_path: Path, tmp_path
 
 
 def test_installed_plugin_runs_with_its_own_hyperparameter(plugin_path: Path, tmp_path: Path):
-    done = _cli(["run", "--method", "label-smoothing", "--dataset", "synthetic", "--steps", "30",
-                 "--eval-every", "10", "--set", "smoothing=0.2", "--quiet",
-                 "--workdir", str(tmp_path / "w")], plugin_path, tmp_path)
+    done = _cli(
+        [
+            "run",
+            "--method",
+            "label-smoothing",
+            "--dataset",
+            "synthetic",
+            "--steps",
+            "30",
+            "--eval-every",
+            "10",
+            "--set",
+            "smoothing=0.2",
+            "--quiet",
+            "--workdir",
+            str(tmp_path / "w"),
+        ],
+        plugin_path,
+        tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert "MLflow run" in done.stdout
     (result,) = (tmp_path / "w" / "runs").glob("*/result.json")

@@ -15,8 +15,9 @@ from robustbench_mat.runner import RunSpec, run
 @pytest.mark.parametrize("n_classes", [2, 3, 5])
 def test_flip_probability_is_zero_at_chance_and_one_at_certainty(n_classes: int) -> None:
     confidence = torch.tensor([1.0 / n_classes, 1.0, (1.0 + 1.0 / n_classes) / 2])
-    torch.testing.assert_close(flip_probability(confidence, n_classes),
-                               torch.tensor([0.0, 1.0, 0.5]))
+    torch.testing.assert_close(
+        flip_probability(confidence, n_classes), torch.tensor([0.0, 1.0, 0.5])
+    )
 
 
 def _twins(n: int = 40):
@@ -65,9 +66,16 @@ def test_cross_mistakes_mark_examples_either_twin_gets_wrong() -> None:
 @pytest.fixture(scope="module")
 def xrm_run(tmp_path_factory: pytest.TempPathFactory):
     workdir = tmp_path_factory.mktemp("xrm")
-    spec = RunSpec(method="xrm-infer", dataset="synthetic", seed=0, regime="none",
-                   hparams={"batch_size": 50, "lr": 0.05},
-                   data_params={"n": 200, "dim": 50}, workdir=workdir, show_progress=False)
+    spec = RunSpec(
+        method="xrm-infer",
+        dataset="synthetic",
+        seed=0,
+        regime="none",
+        hparams={"batch_size": 50, "lr": 0.05},
+        data_params={"n": 200, "dim": 50},
+        workdir=workdir,
+        show_progress=False,
+    )
     result = run(spec)
     (run_dir,) = (workdir / "runs").glob("synthetic-xrm-infer-*")
     return result, run_dir
@@ -88,8 +96,7 @@ def test_artifact_holds_held_out_logits_in_dataset_order(xrm_run) -> None:
         expected = logits_b[i] if mine[i] else logits_a[i]
         torch.testing.assert_close(artifact.train_heldout_logits[i], expected)
     assert torch.equal(artifact.train_attribute, cross_mistakes(logits_a, logits_b, y))
-    assert artifact.stats["flip_rate"] == pytest.approx(
-        (method.labels != y).float().mean().item())
+    assert artifact.stats["flip_rate"] == pytest.approx((method.labels != y).float().mean().item())
 
 
 def test_reported_flip_rate_is_the_fraction_of_changed_labels(xrm_run) -> None:
@@ -106,9 +113,17 @@ def test_mat_reuses_the_cached_xrm_run_and_records_it(xrm_run) -> None:
 
     xrm_result, run_dir = xrm_run
     workdir = run_dir.parents[1]
-    common = dict(method="mat", dataset="synthetic", seed=0, regime="none", eval_every=10,
-                  data_params={"n": 200, "dim": 50}, workdir=workdir, show_progress=False,
-                  inference_hparams={"batch_size": 50, "lr": 0.05})
+    common = dict(
+        method="mat",
+        dataset="synthetic",
+        seed=0,
+        regime="none",
+        eval_every=10,
+        data_params={"n": 200, "dim": 50},
+        workdir=workdir,
+        show_progress=False,
+        inference_hparams={"batch_size": 50, "lr": 0.05},
+    )
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     for steps in (20, 30):  # two different MAT runs on the same XRM groups
         mat = run(RunSpec(steps=steps, **common))

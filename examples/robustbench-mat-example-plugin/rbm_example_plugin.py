@@ -15,7 +15,8 @@ class LabelSmoothingERM(Method):
     paper = "Szegedy et al. 2016, Rethinking the Inception Architecture for Computer Vision"
     hparams = {
         "smoothing": HParam(
-            0.1, "weight of the uniform distribution mixed into the targets",
+            0.1,
+            "weight of the uniform distribution mixed into the targets",
             search=FloatDistribution(0.0, 0.3),
         ),
     }
