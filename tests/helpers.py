@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+
+def pip_install_offline(source: Path, target: Path) -> None:
+    """`pip install --target target source` without dependencies or the network."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+        + ["--no-index", "--target", str(target), str(source)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
 
 
 def run_dirs(workdir: Path) -> list[Path]:

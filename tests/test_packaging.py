@@ -7,29 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import pip_install_offline
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_regular_install_maps_plugins_into_the_package_namespace(tmp_path: Path) -> None:
     target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    pip_install_offline(ROOT, target)
     assert (target / "robustbench_mat" / "methods" / "mat.py").is_file()
     assert (target / "robustbench_mat" / "datasets" / "synthetic.py").is_file()
     assert not (target / "methods").exists() and not (target / "datasets").exists()

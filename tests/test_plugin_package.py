@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import pip_install_offline
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "robustbench-mat-example-plugin"
 CLI = Path(sys.executable).with_name("robustbench-mat")
@@ -16,24 +17,7 @@ CLI = Path(sys.executable).with_name("robustbench-mat")
 @pytest.fixture(scope="module")
 def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     target = tmp_path_factory.mktemp("plugin-site")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+    pip_install_offline(EXAMPLE, target)
     return target
 
 
