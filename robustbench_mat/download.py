@@ -199,14 +199,21 @@ def fetch(
     once complete and matching one of `checksums`. A mismatching download is deleted."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     download = _Fetch(destination, show_progress, timeout)
+    # A partial file is resumed only from the address that started it: a mirror's bytes may differ.
+    source = download.partial.with_name(download.partial.name + ".url")
+    if source.exists() and source.read_text() != url:
+        download.partial.unlink(missing_ok=True)
+    source.write_text(url)
     response, have = download.open_file(url)
     if response is not None:
         download.write(response, have)
     problem = checksum_problem(download.partial, checksums)
     if problem:
         download.partial.unlink(missing_ok=True)
+        source.unlink()
         raise DownloadError(f"{problem} (a corrupt or changed download; it was deleted)")
     os.replace(download.partial, destination)
+    source.unlink()
     return destination
 
 

@@ -142,6 +142,20 @@ def test_fetch_resumes_a_partial_download(server, tmp_path):
     assert _Handler.ranges == ["bytes=1000-"]
 
 
+def test_a_partial_file_is_resumed_only_from_its_own_address(server, tmp_path):
+    base, served = server
+    payload = bytes(range(256)) * 4000
+    (served / "file.bin").write_bytes(payload)
+    (served / "mirror.bin").write_bytes(payload)
+    target = tmp_path / "file.bin"
+    (tmp_path / "file.bin.part").write_bytes(b"x" * 1000)  # begun from another address
+    (tmp_path / "file.bin.part.url").write_text(f"{base}/file.bin")
+    fetch(f"{base}/mirror.bin", target, _sha(payload), False)
+    assert target.read_bytes() == payload
+    assert _Handler.ranges == [None]  # started over
+    assert not list(tmp_path.glob("file.bin.part*"))
+
+
 def test_checksum_mismatch_deletes_the_file(server, tmp_path):
     base, served = server
     (served / "file.bin").write_bytes(b"changed upstream")
