@@ -105,6 +105,9 @@ class AFR(Method):
         self.register_buffer("stage1_part", torch.sort(order[:n_stage1]).values)
         self.register_buffer("heldout_part", torch.sort(order[n_stage1:]).values)
         self.features, self.head = split_head(self.model)
+        # Checked now, before stage 1 spends any time: the split is a matter of architecture.
+        probe = self.dataset.split("train").probe_inputs()
+        check_head_split(self.model, self.features, self.head, probe)
         self.embedded: GroupedSplit | None = None
 
     def prepare(self, context: RunContext) -> None:
@@ -116,8 +119,6 @@ class AFR(Method):
         self.eval()
         device = context.plan.device
         heldout = subset_split(self.dataset.split("train"), self.heldout_part.cpu())
-        sample = heldout.fetch(torch.arange(min(8, len(heldout)))).to(device)
-        check_head_split(self.model, self.features, self.head, sample)
         embeddings = predict(
             self.features, heldout, device, self.dataset.eval_batch_size
         ).clone()  # not an inference tensor

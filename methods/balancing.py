@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from robustbench_mat.data import BenchmarkDataset, GroupedSplit, inverse_frequency_weights
+from robustbench_mat.data import BenchmarkDataset, GroupedSplit, balanced_weights
 from robustbench_mat.method import Method
 from robustbench_mat.registry import register_method
 
@@ -64,7 +64,7 @@ class Balancing(Method):
 
     def train_weights(self, train: GroupedSplit) -> torch.Tensor | None:
         if self.sampling == "reweight":
-            return inverse_frequency_weights(*self.balanced_labels(train))
+            return balanced_weights(self.balanced_labels(train)[0])
         return None
 
 

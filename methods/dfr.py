@@ -74,6 +74,7 @@ class DFR(Method):
         self.register_buffer("fit_indices", torch.sort(balanced).values)
         self.register_buffer("select_indices", torch.sort(order[len(val) // 2 :]).values)
         self.features, stage1_head = split_head(self.model)
+        check_head_split(self.model, self.features, stage1_head, val.probe_inputs())
         width = stage1_head.in_features
         self.dfr_head = nn.Linear(width, self.dataset.n_classes)
         nn.init.zeros_(self.dfr_head.weight)
@@ -90,8 +91,6 @@ class DFR(Method):
         self.model.requires_grad_(False)
         self.eval()
         fit = subset_split(self.dataset.split("val"), self.fit_indices.cpu())
-        sample = fit.fetch(torch.arange(min(8, len(fit)))).to(context.plan.device)
-        check_head_split(self.model, self.features, split_head(self.model)[1], sample)
         embeddings = predict(self.features, fit, context.plan.device, self.dataset.eval_batch_size)
         if self.hp["standardize"]:
             self.feature_mean.copy_(embeddings.mean(0))

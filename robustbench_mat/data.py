@@ -78,6 +78,10 @@ class GroupedSplit:
             return self.inputs[indices]
         return torch.stack([self.inputs[int(i)] for i in indices])
 
+    def probe_inputs(self, n: int = 8) -> torch.Tensor:
+        """The inputs of the first `n` examples: a small batch for checking a model's shape."""
+        return self.fetch(torch.arange(min(n, len(self))))
+
 
 class BenchmarkDataset:
     """Base class of a dataset plugin: a classification task with train/val/test splits and a
@@ -182,18 +186,13 @@ def stable_hash(payload: Mapping[str, Any], length: int = 12) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
-def inverse_frequency_weights(labels: torch.Tensor, n_values: int) -> torch.Tensor:
-    """Per-example weights 1/count(label): sampling with them balances the label values."""
-    counts = torch.bincount(labels, minlength=n_values).double()
-    return 1.0 / counts[labels]
-
-
-def balance_classes(weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`weights` rescaled so that every class present in `labels` has the same total weight;
-    the relative weights within a class are kept."""
-    mass = torch.zeros(int(labels.max()) + 1, dtype=torch.float64)
-    mass.index_add_(0, labels, weights.double())
-    return weights.double() / mass[labels]
+def balanced_weights(labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-example sampling weights under which every label value present has the same total:
+    1/count(label) by default, else `weights` rescaled, their proportions kept within each
+    value."""
+    base = torch.ones(len(labels), dtype=torch.float64) if weights is None else weights.double()
+    mass = torch.zeros(int(labels.max()) + 1, dtype=torch.float64).index_add_(0, labels, base)
+    return base / mass[labels]
 
 
 class BatchSchedule:
@@ -222,9 +221,7 @@ class BatchSchedule:
         self.seed = seed
         self.weights = None if weights is None else weights[self.pool].double()
         if class_labels is not None:
-            if self.weights is None:
-                self.weights = torch.ones(len(self.pool), dtype=torch.float64)
-            self.weights = balance_classes(self.weights, class_labels[self.pool])
+            self.weights = balanced_weights(class_labels[self.pool], self.weights)
         self.full_batch = self.weights is None and self.batch_size == len(self.pool)
         self.batches_per_epoch = len(self.pool) // self.batch_size
         self._cache_key: int | None = None

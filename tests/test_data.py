@@ -12,7 +12,7 @@ from robustbench_mat.data import (
     EvalGroups,
     GroupedSplit,
     SplitArrays,
-    inverse_frequency_weights,
+    balanced_weights,
     stable_hash,
 )
 from robustbench_mat.errors import UserError
@@ -92,9 +92,9 @@ def test_different_seeds_give_different_batches(weighted):
     assert not torch.equal(first_a, first_b)
 
 
-def test_inverse_frequency_weights():
+def test_balanced_weights_are_inverse_frequencies():
     labels = torch.tensor([0, 0, 0, 1, 2, 2])
-    weights = inverse_frequency_weights(labels, 4)
+    weights = balanced_weights(labels)
     expected = torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0, 0.5, 0.5], dtype=torch.float64)
     assert torch.allclose(weights, expected)
     # Every present label carries the same total weight.
@@ -105,7 +105,7 @@ def test_inverse_frequency_weights():
 def test_weighted_schedule_balances_label_frequencies():
     labels = torch.cat([torch.zeros(900), torch.ones(80), torch.full((20,), 2)]).long()
     labels = labels[torch.randperm(1000, generator=torch.Generator().manual_seed(5))]
-    schedule = BatchSchedule(1000, 50, seed=3, weights=inverse_frequency_weights(labels, 3))
+    schedule = BatchSchedule(1000, 50, seed=3, weights=balanced_weights(labels))
     assert not schedule.full_batch
     draws = torch.cat([schedule.indices(s) for s in range(600)])  # 30,000 draws
     assert len(draws) == 30_000
