@@ -5,22 +5,30 @@ its mirrors in turn: with a progress bar, resuming a partial `.part` file with a
 request, and passing Google Drive's "cannot scan for viruses" page for large files (a quota page
 is reported as such). It verifies the published checksums where they are known, extracts archives
 atomically (into a temporary sibling folder, then `os.replace` into place, so a failure leaves no
-half-written dataset; a truncated or corrupt archive is deleted and the user told to retry) and
-finally runs the dataset's conversion. `prepare_dataset` only converts, for users who placed the
-upstream files by hand (checked against the same checksums); the error of a failed download says
-which files to place where."""
+half-written dataset) and safely (no member outside the folder, no links or device files, no
+setuid bits), and finally runs the dataset's conversion. A truncated or corrupt archive the tool
+downloaded is deleted and the user told to retry; one placed by hand, or one whose extraction
+failed for another reason (a full disk), is kept. `prepare_dataset` only converts, for users
+who placed the upstream files by hand (checked against the same checksums); the error of a failed
+download says which files to place where."""
 
 from __future__ import annotations
 
+import errno
+import gzip
 import hashlib
+import lzma
 import os
+import platform
 import shutil
+import stat
 import tarfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from html.parser import HTMLParser
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 from urllib.parse import urlencode, urljoin
 
@@ -217,44 +225,163 @@ def fetch(
     return destination
 
 
-def _safe_members(archive: tarfile.TarFile, target: Path) -> None:
-    root = target.resolve()
-    for member in archive.getmembers():
-        path = (target / member.name).resolve()
-        if root not in path.parents and path != root:
-            raise tarfile.TarError(f"unsafe path {member.name!r} in the archive")
-        if member.issym() or member.islnk():
-            raise tarfile.TarError(f"link {member.name!r} in the archive")
+# What reading a damaged archive raises: the archive is at fault, not the disk or permissions.
+CORRUPT_ARCHIVE_ERRORS = (
+    tarfile.ReadError,
+    tarfile.CompressionError,
+    tarfile.HeaderError,
+    zipfile.BadZipFile,  # also a bad CRC-32
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    lzma.LZMAError,
+)
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def extract_archive(archive: Path, target: Path) -> list[Path]:
-    """Unpack `archive` (tar, tar.gz or zip) into `target`, atomically per top-level entry.
+class _RefusedMember(Exception):
+    """An archive member that must not be extracted (outside the folder, a link, a device)."""
 
-    Everything is first extracted into a temporary sibling folder; only a complete extraction is
-    moved into place. A truncated or corrupt archive is deleted and reported as a `UserError`
-    telling the user to retry."""
-    target.mkdir(parents=True, exist_ok=True)
-    staging = target / f".extracting-{archive.name}-{os.getpid()}"
+
+def _path_problem(name: str) -> str | None:
+    """Why archive member `name` would land outside the extraction folder, or None."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or PureWindowsPath(name).drive:
+        return f"member {name!r} has an absolute path"
+    if ".." in path.parts:
+        return f"member {name!r} has a '..' component"
+    return None
+
+
+def _tar_member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why `member` may not be extracted, or None for a file or folder inside the archive.
+
+    Links are refused outright, not only those pointing outside: dataset archives hold none, and
+    the bypasses of tarfile's "data" filter fixed in Python 3.10.18/3.11.13/3.12.11/3.13.4
+    (CVE-2025-4517 and others) go through links."""
+    if member.issym():
+        return f"member {member.name!r} is a symbolic link"
+    if member.islnk():
+        return f"member {member.name!r} is a hard link"
+    if not (member.isfile() or member.isdir()):
+        return f"member {member.name!r} is a device, FIFO or other special file"
+    return _path_problem(member.name)
+
+
+def _zip_member_problem(info: zipfile.ZipInfo) -> str | None:
+    """Why `info` may not be extracted, or None. zipfile never creates links or devices nor
+    restores permission bits; a symbolic link would be written as a file holding its target."""
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return f"member {info.filename!r} is a symbolic link"
+    return _path_problem(info.filename)
+
+
+def _unpack_tar(archive: Path, staging: Path) -> None:
+    with tarfile.open(archive) as bundle:
+        members = bundle.getmembers()
+        for member in members:
+            if problem := _tar_member_problem(member):
+                raise _RefusedMember(problem)
+        try:
+            # "data" also drops setuid/setgid bits and the archive's owners.
+            bundle.extractall(staging, members=members, filter="data")
+        except tarfile.FilterError as error:
+            raise _RefusedMember(str(error)) from None
+
+
+def _unpack_zip(archive: Path, staging: Path) -> None:
+    with zipfile.ZipFile(archive) as bundle:
+        for info in bundle.infolist():
+            if problem := _zip_member_problem(info):
+                raise _RefusedMember(problem)
+        bundle.extractall(staging)
+
+
+def _unpack(archive: Path, staging: Path) -> None:
+    """Extract `archive` into the new folder `staging`, which is removed if anything fails."""
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as bundle:
-                for name in bundle.namelist():
-                    resolved = (staging / name).resolve()
-                    if staging.resolve() not in resolved.parents:
-                        raise zipfile.BadZipFile(f"unsafe path {name!r} in the archive")
-                bundle.extractall(staging)
+            _unpack_zip(archive, staging)
         else:
-            with tarfile.open(archive) as bundle:
-                _safe_members(bundle, staging)
-                bundle.extractall(staging)
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+            _unpack_tar(archive, staging)
+    except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        archive.unlink(missing_ok=True)
+        raise
+
+
+def _unpacked_size(archive: Path) -> int | None:
+    """The total size of the files in `archive`, or None if it cannot be read."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as bundle:
+                return sum(info.file_size for info in bundle.infolist())
+        with tarfile.open(archive) as bundle:
+            return sum(member.size for member in bundle if member.isfile())
+    except (*CORRUPT_ARCHIVE_ERRORS, tarfile.TarError, OSError):
+        return None
+
+
+def _size(n_bytes: int) -> str:
+    return tqdm.format_sizeof(n_bytes, "B", 1024)
+
+
+def _no_space_message(archive: Path, target: Path) -> str:
+    free = shutil.disk_usage(target).free
+    size = _unpacked_size(archive)
+    unpacked = "an unknown size" if size is None else _size(size)
+    needed = f"at least {_size(size - free)}" if size is not None and size > free else "space"
+    return (
+        f"no space left on device while extracting {archive} into {target} (it unpacks to "
+        f"{unpacked}; {_size(free)} is free there): free {needed} on the file system of {target} "
+        f"and run the command again; the archive was kept and nothing was extracted"
+    )
+
+
+def extract_archive(archive: Path, target: Path, downloaded: bool = False) -> list[Path]:
+    """Unpack `archive` (tar, tar.gz or zip) into `target`, atomically per top-level entry.
+
+    Everything is first extracted into a temporary folder inside `target`; only a complete
+    extraction is moved into place. Members outside `target`, links and special files are
+    refused; setuid/setgid bits and owners are not restored. A tar needs tarfile's extraction
+    filters (Python 3.10.12, 3.11.4, 3.12 or later), else it is refused with a `UserError`.
+    A truncated or corrupt archive is deleted only if the tool `downloaded` it itself; any other
+    failure, a full disk included, keeps the archive. Failures are reported as a `UserError`."""
+    if not zipfile.is_zipfile(archive) and not hasattr(tarfile, "data_filter"):
         raise UserError(
-            f"{archive} is truncated or corrupt ({error}); it was deleted: run the command again "
-            f"to download it anew"
+            f"extracting {archive} safely needs tarfile's extraction filters (Python 3.10.12, "
+            f"3.11.4, 3.12 or later; this is Python {platform.python_version()}): upgrade "
+            f"Python, or extract it into {target} yourself and run the command again"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    staging = target / f".extracting-{archive.name}-{os.getpid()}"
+    try:
+        _unpack(archive, staging)
+    except _RefusedMember as refusal:
+        raise UserError(
+            f"refusing to extract {archive}: {refusal} (a dataset archive holds only files and "
+            f"folders inside it); it is not the published archive: delete it and download the "
+            f"dataset from its publisher"
+        ) from None
+    except CORRUPT_ARCHIVE_ERRORS as error:
+        if downloaded:
+            archive.unlink(missing_ok=True)
+            raise UserError(
+                f"{archive} is truncated or corrupt ({error}); it was deleted: run the command "
+                f"again to download it anew"
+            ) from None
+        raise UserError(
+            f"{archive} is truncated or corrupt ({error}); it was kept, as it was placed by "
+            f"hand: replace it with a good copy, or delete it and run `robustbench-mat download` "
+            f"to fetch it"
+        ) from None
+    except OSError as error:
+        if error.errno in NO_SPACE_ERRNOS:
+            raise UserError(_no_space_message(archive, target)) from None
+        raise UserError(
+            f"could not extract {archive} into {target} ({error}); the archive was kept and "
+            f"nothing was extracted: fix the cause and run the command again"
         ) from None
     placed = []
     for entry in sorted(staging.iterdir()):
@@ -289,10 +416,12 @@ def manual_instructions(cls: type[FileDataset], data_dir: str | Path | None) -> 
     return "; ".join(lines) + f"; then run `{command}`"
 
 
-def _place(cls: type[FileDataset], root: Path, item: UpstreamFile, verify: bool) -> bool:
-    """Make `item` available in `root` from a local copy (extracting an archive placed by hand);
-    True when its paths exist. A file placed by hand is checked against the published
-    checksums like a download."""
+def _place(
+    cls: type[FileDataset], root: Path, item: UpstreamFile, verify: bool, downloaded: bool = False
+) -> bool:
+    """Make `item` available in `root` from a local copy (extracting an archive placed by hand,
+    or one just `downloaded`); True when its paths exist. A file placed by hand is checked
+    against the published checksums like a download."""
     if item.extract and _in_place(root, item):
         return True
     local = root / item.filename
@@ -305,7 +434,7 @@ def _place(cls: type[FileDataset], root: Path, item: UpstreamFile, verify: bool)
                 f"you trust (a re-packed mirror), pass --skip-checksum"
             )
         if item.extract:
-            extract_archive(local, root / item.extract_to)
+            extract_archive(local, root / item.extract_to, downloaded)
             local.unlink(missing_ok=True)
     return _in_place(root, item)
 
@@ -366,7 +495,7 @@ def download_dataset(
                 f"are kept and resumed if you run the command again. To set the dataset up by "
                 f"hand: " + manual_instructions(cls, data_dir)
             )
-        if not _place(cls, root, item, verify=False):  # `fetch` verified it
+        if not _place(cls, root, item, verify=False, downloaded=True):  # `fetch` verified it
             raise UserError(
                 f"{root / item.filename} did not provide {', '.join(item.provides)}; "
                 + manual_instructions(cls, data_dir)

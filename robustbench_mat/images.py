@@ -3,6 +3,7 @@ through the standard transform, a ResNet-50, or a linear/MLP head on cached froz
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -25,14 +26,28 @@ class ImageFiles(torch.utils.data.Dataset):
 
     def __init__(self, root: Path, filenames: list[str], transform: Any) -> None:
         self.root, self.filenames, self.transform = root, filenames, transform
+        self._inside_root = os.path.join(os.path.abspath(root), "")
 
     def __len__(self) -> int:
         return len(self.filenames)
 
+    def image_path(self, index: int) -> Path:
+        """`root/filename` of image `index`; `UserError` if the filename leads outside `root`.
+
+        The check is on the path's text (absolute, `..`), not on symbolic links: a user may
+        link image folders in from elsewhere, while archives are extracted without links."""
+        path = self.root / self.filenames[index]
+        if not os.path.abspath(path).startswith(self._inside_root):
+            raise UserError(
+                f"image {self.filenames[index]!r} (row {index} of the metadata) is outside "
+                f"{self.root}; prepare the dataset again from its published files"
+            )
+        return path
+
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError
 
-        path = self.root / self.filenames[index]
+        path = self.image_path(index)
         try:
             with Image.open(path) as image:
                 return self.transform(image.convert("RGB"))

@@ -25,6 +25,9 @@ from robustbench_mat.errors import UserError
 METADATA_COLUMNS = ("id", "filename", "split", "y", "a")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 DATA_ENV = "ROBUSTBENCH_MAT_DATA"
+# A filename that leaves the folder it is joined to: absolute (`/x`, `\x`, `C:x`) or with a
+# `..` component (between `/` or `\` separators).
+OUTSIDE_FOLDER = r"^(?:[/\\]|[A-Za-z]:)|(?:^|[/\\])\.\.(?:[/\\]|$)"
 
 
 def resolve_data_dir(data_dir: str | Path | None = None) -> Path:
@@ -95,7 +98,8 @@ def read_metadata(
     columns: tuple[str, ...] = METADATA_COLUMNS,
 ) -> pd.DataFrame:
     """The metadata table at `path`, validated: every column present, split in {0, 1, 2}, y and
-    a integers in range. Any problem raises `UserError` naming the file and the line."""
+    a integers in range, filenames non-empty and inside the dataset folder. Any problem raises
+    `UserError` naming the file and the line."""
     try:
         frame = pd.read_csv(path, dtype={"filename": str}, keep_default_na=False)
     except FileNotFoundError:
@@ -139,6 +143,15 @@ def read_metadata(
         if empty.any():
             first = int(np.flatnonzero(empty.to_numpy())[0])
             raise UserError(f"{path}, line {_line(first)}: empty filename")
+        outside = frame["filename"].str.contains(OUTSIDE_FOLDER, regex=True)
+        if outside.any():
+            first = int(np.flatnonzero(outside.to_numpy())[0])
+            raise UserError(
+                f"{path}, line {_line(first)}: filename {frame['filename'].iloc[first]!r} "
+                f"points outside the dataset folder (an absolute path or a '..' component; "
+                f"{int(outside.sum())} such row{'s' if outside.sum() > 1 else ''} in all); "
+                f"prepare the dataset again from its published files"
+            )
     return frame
 
 

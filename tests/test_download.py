@@ -3,10 +3,14 @@ local HTTP server on 127.0.0.1 (never the network)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.server
+import shutil
+import tarfile
 import threading
 import urllib.parse
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -210,17 +214,119 @@ def test_google_drive_quota_page_is_named(server, tmp_path):
         fetch(f"{base}/uc?export=download&id=quota.bin", tmp_path / "f", (), False)
 
 
-def test_corrupt_archive_is_deleted_and_leaves_nothing(tmp_path):
+def _truncated_archive(tmp_path: Path, archive: Path) -> Path:
     folder = tmp_path / "src" / "inner"
     folder.mkdir(parents=True)
     (folder / "a.txt").write_text("x" * 100_000)
-    archive = tar_folder(folder, tmp_path / "bundle.tar.gz")
-    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])  # truncated
+    tar_folder(folder, archive)
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    return archive
+
+
+def test_corrupt_downloaded_archive_is_deleted_and_leaves_nothing(tmp_path):
+    archive = _truncated_archive(tmp_path, tmp_path / "bundle.tar.gz")
     target = tmp_path / "dataset"
     with pytest.raises(UserError, match="truncated or corrupt.*deleted.*again"):
-        extract_archive(archive, target)
+        extract_archive(archive, target, downloaded=True)
     assert not archive.exists()
     assert list(target.iterdir()) == []  # no half-written folder, no staging leftovers
+
+
+def test_corrupt_archive_placed_by_hand_is_kept_and_named(tmp_path):
+    archive = _truncated_archive(tmp_path, tmp_path / "bundle.tar.gz")
+    target = tmp_path / "dataset"
+    with pytest.raises(UserError, match="truncated or corrupt.*kept.*placed by hand") as caught:
+        extract_archive(archive, target)
+    assert str(archive) in str(caught.value)
+    assert archive.exists()
+    assert list(target.iterdir()) == []
+
+
+def test_download_deletes_a_corrupt_archive_it_fetched(server, tmp_path, monkeypatch):
+    base, served = server
+    _truncated_archive(tmp_path, served / "w.tar.gz")
+    monkeypatch.setattr(Waterbirds, "upstream", (_waterbirds_from([f"{base}/w.tar.gz"]),))
+    with pytest.raises(UserError, match="truncated or corrupt.*deleted"):
+        download_dataset(Waterbirds, tmp_path / "data", show_progress=False)
+    assert not (tmp_path / "data" / "waterbirds" / Waterbirds.upstream[0].filename).exists()
+
+
+@pytest.mark.parametrize("command", ["prepare", "download"])
+def test_a_corrupt_archive_placed_by_hand_is_kept(tmp_path, capsys, command):
+    root = tmp_path / "data" / "waterbirds"
+    root.mkdir(parents=True)
+    placed = _truncated_archive(tmp_path, root / Waterbirds.upstream[0].filename)
+    assert main([command, "waterbirds", "--data-dir", str(tmp_path / "data"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"{placed} is truncated or corrupt" in err and "kept" in err
+    assert placed.exists()
+
+
+def _fill_the_disk_on_the_second_file(monkeypatch, module, name: str) -> None:
+    """Make `module.name` (the copy of one member's bytes) fail with ENOSPC on its second call,
+    after writing part of that member."""
+    original = getattr(module, name)
+    calls = []
+
+    def copy(source, destination, *args, **kwargs):
+        calls.append(source)
+        if len(calls) == 2:
+            destination.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(source, destination, *args, **kwargs)
+
+    monkeypatch.setattr(module, name, copy)
+
+
+def _archive_of_three_files(tmp_path: Path, archive: Path) -> Path:
+    folder = tmp_path / "src" / "inner"
+    folder.mkdir(parents=True)
+    for name in ("a.txt", "b.txt", "c.txt"):
+        (folder / name).write_text(name * 1000)
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive, "w") as bundle:
+            for path in sorted(folder.iterdir()):
+                bundle.write(path, f"inner/{path.name}")
+        return archive
+    return tar_folder(folder, archive)
+
+
+@pytest.mark.parametrize(
+    ("archive_name", "module", "copy_function"),
+    [("bundle.tar.gz", tarfile, "copyfileobj"), ("bundle.zip", shutil, "copyfileobj")],
+)
+@pytest.mark.parametrize("downloaded", [False, True])
+def test_a_full_disk_keeps_the_archive_and_leaves_no_partial_target(
+    tmp_path, monkeypatch, archive_name, module, copy_function, downloaded
+):
+    target = tmp_path / "dataset"
+    target.mkdir()
+    archive = _archive_of_three_files(tmp_path, target / archive_name)
+    _fill_the_disk_on_the_second_file(monkeypatch, module, copy_function)
+    with pytest.raises(UserError) as caught:
+        extract_archive(archive, target, downloaded=downloaded)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "no space left on device" in message and "archive was kept" in message
+    assert f"extracting {archive} into {target}" in message and "free" in message
+    assert archive.exists()
+    assert list(target.iterdir()) == [archive]  # no half-extracted inner/, no staging folder
+
+
+def test_a_full_disk_while_preparing_keeps_the_archive_placed_by_hand(
+    served_waterbirds, tmp_path, monkeypatch, capsys
+):
+    root = tmp_path / "data" / "waterbirds"
+    root.mkdir(parents=True)
+    placed = root / Waterbirds.upstream[0].filename
+    placed.write_bytes(served_waterbirds.read_bytes())
+    _fill_the_disk_on_the_second_file(monkeypatch, tarfile, "copyfileobj")
+    assert main(["prepare", "waterbirds", "--data-dir", str(tmp_path / "data"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no space left on device" in err
+    assert placed.exists()
+    assert list(root.iterdir()) == [placed]
 
 
 def test_extraction_replaces_a_previous_copy(tmp_path):
