@@ -17,3 +17,8 @@ class RunFailed(UserError):
     """A run that started but could not finish (diverged loss, missing artifact)."""
 
     exit_code = 1
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (library errors can span many), else its type."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

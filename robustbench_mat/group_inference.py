@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from robustbench_mat.data import EvalGroups
-from robustbench_mat.errors import RunFailed
+from robustbench_mat.errors import RunFailed, first_line
 
 ARTIFACT_NAME = "inferred_groups.pt"
 FORMAT_VERSION = 1
@@ -54,7 +54,15 @@ class InferredGroups:
 
     @classmethod
     def load(cls, path: Path) -> InferredGroups:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            # Plain data only: a crafted file in a shared work directory cannot run code here.
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            reason = first_line(error)
+            raise RunFailed(
+                f"{path} cannot be read as inferred groups ({reason}); delete its run directory "
+                "(or run with --restart) to infer the groups again"
+            ) from None
         if payload.get("version") != FORMAT_VERSION:
             raise RunFailed(
                 f"{path} has inferred-groups format {payload.get('version')}, expected "

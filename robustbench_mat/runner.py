@@ -7,25 +7,31 @@ is identified by a key hashed from everything that determines its numbers; its d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import functools
 import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from filelock import FileLock, Timeout
 
 from robustbench_mat.data import BenchmarkDataset, stable_hash
-from robustbench_mat.errors import RunFailed, RunPruned, UserError
+from robustbench_mat.errors import RunFailed, RunPruned, UserError, first_line
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
 from robustbench_mat.hparams import resolve, sample_configurations
 from robustbench_mat.method import Method
+from robustbench_mat.provenance import CodeVersion, code_version, package_version
 from robustbench_mat.regimes import (
     Regime,
     check_allowed,
@@ -36,6 +42,7 @@ from robustbench_mat.regimes import (
 from robustbench_mat.registry import DATASETS, METHODS
 from robustbench_mat.tracking import HISTORY_PREFIX, TAGS, Tracker, resolve_workdir
 from robustbench_mat.training import (
+    PREVIOUS_SUFFIX,
     CheckpointStore,
     LoopResult,
     LoopSettings,
@@ -45,13 +52,6 @@ from robustbench_mat.training import (
 )
 
 DEFAULT_INFERRER = "xrm-infer"
-
-
-def package_version() -> str:
-    try:
-        return version("robustbench-mat")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass
@@ -109,10 +109,16 @@ class RunPlan:
             return self.method_cls.group_inference
         return DEFAULT_INFERRER if self.criterion.startswith("val_inferred") else None
 
+    @functools.cached_property
+    def code(self) -> CodeVersion:
+        """The code that computes this run: a different one never reuses its results."""
+        return code_version(self.method_cls, type(self.dataset))
+
     @property
     def key(self) -> str:
         return stable_hash(
             {
+                "code": self.code.fingerprint,
                 "method": self.method_name,
                 "dataset": self.dataset.name,
                 "data": self.dataset.config,
@@ -151,6 +157,7 @@ class RunPlan:
             "eval_every": self.eval_every,
             "device": self.device.type,
             "package_version": package_version(),
+            "code_fingerprint": self.code.fingerprint,
             "torch_version": torch.__version__,
             **{f"data.{k}": v for k, v in self.dataset.config.items()},
             **{f"inference.{k}": v for k, v in self.spec.inference_hparams.items()},
@@ -223,6 +230,8 @@ class RunResult:
     final: dict[str, Any]
     hparams: dict[str, Any]
     tracking_uri: str
+    finished_at: str = ""
+    code: str = ""
     reused: bool = False
 
 
@@ -287,16 +296,62 @@ def plan(spec: RunSpec) -> RunPlan:
 
 def run(spec: RunSpec) -> RunResult:
     """Train, select and record one run; a finished identical run is reused, an interrupted one
-    resumed from its last checkpoint."""
+    resumed from its last checkpoint. Identical runs started at once train one at a time: the
+    later one waits, then reuses the result."""
     the_plan = plan(spec)
     run_dir = the_plan.run_dir
-    result_file = run_dir / "result.json"
-    if spec.restart and run_dir.exists():
-        shutil.rmtree(run_dir)
-    if result_file.exists():
-        stored = json.loads(result_file.read_text())
-        return RunResult(**{**stored, "reused": True})
+    with _exclusive(run_dir, spec.show_progress):
+        if spec.restart and run_dir.exists():
+            shutil.rmtree(run_dir)
+        stored = _stored_result(run_dir / "result.json")
+        if stored is not None:
+            return stored
+        return _start_and_record(the_plan)
 
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path, show_progress: bool) -> Iterator[None]:
+    """Hold a lock on one run while it trains (the OS releases it if the process dies). It
+    lives outside the run's directory, which `--restart` deletes."""
+    locks = run_dir.parent.parent / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(locks / f"{run_dir.name}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if show_progress:
+            print(
+                f"another process is running this same run ({run_dir.name}); waiting for it",
+                file=sys.stderr,
+                flush=True,
+            )
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _stored_result(path: Path) -> RunResult | None:
+    """The finished run stored at `path`; an unreadable file is set aside, so that the run is
+    recorded again from its last checkpoint."""
+    if not path.exists():
+        return None
+    try:
+        return RunResult(**{**json.loads(path.read_text()), "reused": True})
+    except (ValueError, TypeError) as error:
+        print(
+            f"robustbench-mat: {path} is unreadable ({type(error).__name__}: {error}); "
+            "recording the run again from its last checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        os.replace(path, path.with_suffix(".json.unreadable"))
+        return None
+
+
+def _start_and_record(the_plan: RunPlan) -> RunResult:
+    run_dir = the_plan.run_dir
     the_plan.dataset.split("train")  # missing or malformed data fails before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(the_plan.workdir)
@@ -312,21 +367,28 @@ def run(spec: RunSpec) -> RunResult:
     _write_atomic(id_file, run_id)
     try:
         result = _train_and_record(the_plan, tracker, run_id)
-    except KeyboardInterrupt:
-        tracker.flush()
-        tracker.end(run_id, "killed")
+        _write_atomic(run_dir / "result.json", json.dumps(asdict(result), indent=2))
+    except BaseException as error:
+        state = {KeyboardInterrupt: "killed", RunPruned: "pruned"}.get(type(error), "failed")
+        tracker.end_after_error(run_id, state)
+        if _is_disk_full(error):
+            raise RunFailed(
+                f"no space left on device while recording {the_plan.run_name} "
+                f"({first_line(error)}); the last checkpoint in {run_dir} and the MLflow store "
+                "are intact: free some space, then run the same command again to resume"
+            ) from None
         raise
-    except RunPruned:
-        tracker.flush()
-        tracker.end(run_id, "pruned")
-        raise
-    except BaseException:
-        tracker.flush()
-        tracker.end(run_id, "failed")
-        raise
-    _write_atomic(result_file, json.dumps(asdict(result), indent=2))
     tracker.end(run_id, "finished")
+    for previous in run_dir.glob(f"*{PREVIOUS_SUFFIX}"):
+        previous.unlink()  # kept only while a run can still be resumed
     return result
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """A full disk, as the file system (ENOSPC) or sqlite ("database or disk is full") says."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    return "database or disk is full" in str(error)
 
 
 def obtain_inferred_groups(the_plan: RunPlan) -> tuple[InferredGroups, RunResult]:
@@ -471,6 +533,8 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         final=final,
         hparams=the_plan.hparams,
         tracking_uri=tracker.uri,
+        finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code=the_plan.code.describe(),
     )
 
 

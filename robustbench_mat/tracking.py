@@ -10,14 +10,20 @@ interrupted run stays RUNNING (or KILLED / FAILED) with `robustbench.state` tell
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
+
+from robustbench_mat.errors import UserError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -44,13 +50,61 @@ class TAGS:
 
 
 def resolve_workdir(workdir: str | Path | None = None) -> Path:
-    """`workdir`, else $ROBUSTBENCH_MAT_WORKDIR, else ./robustbench-runs (made absolute)."""
-    chosen = workdir or os.environ.get(ENV_WORKDIR) or DEFAULT_WORKDIR
-    return Path(chosen).expanduser().resolve()
+    """`workdir`, else $ROBUSTBENCH_MAT_WORKDIR, else ./robustbench-runs (made absolute),
+    checked before any work: it must be a writable directory, or creatable in one."""
+    chosen = Path(workdir or os.environ.get(ENV_WORKDIR) or DEFAULT_WORKDIR)
+    resolved = chosen.expanduser().resolve()
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    fix = f"pass another --workdir (or set ${ENV_WORKDIR})"
+    if not existing.is_dir():
+        raise UserError(f"work directory {resolved}: {existing} is a file, not a directory; {fix}")
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise UserError(
+            f"work directory {resolved}: {existing} is not writable ({error.strerror}); {fix}"
+        ) from None
+    return resolved
 
 
 def tracking_uri(workdir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workdir / 'mlflow.db'}"
+
+
+def artifact_root(workdir: Path, uri: str) -> str | None:
+    """Where new experiments keep their artifacts: under the work directory, unless the store
+    is a tracking server, whose own artifact root then applies."""
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return (workdir / "artifacts").as_uri()
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == prefix + ":memory:":
+        return None
+    return Path(uri[len(prefix) :].split("?")[0])
+
+
+def ensure_store(uri: str, default_artifact_root: str | None) -> None:
+    """Create a new sqlite store atomically: its tables are made in a temporary file under an
+    exclusive lock, then renamed into place, so that a process killed half-way (or two first
+    commands at once) can never leave a half-migrated database behind."""
+    path = _sqlite_path(uri)
+    if path is None or path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if path.exists():  # created meanwhile by another process
+            return
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        creating = path.with_name(f".{path.name}.creating")
+        creating.unlink(missing_ok=True)
+        _quiet_mlflow_logs()
+        store = SqlAlchemyStore(f"sqlite:///{creating}", default_artifact_root or "./mlruns")
+        store.engine.dispose()
+        os.replace(creating, path)
 
 
 def _quiet_mlflow_logs() -> None:
@@ -66,6 +120,51 @@ def _client(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
+def _is_locked(error: BaseException) -> bool:
+    return "database is locked" in str(error)
+
+
+class PatientClient:
+    """An `MlflowClient` whose calls wait out a store that another process has locked, retrying
+    with back-off for up to `patience` seconds (${STORE_PATIENCE}, default 120), then failing in
+    one line."""
+
+    def __init__(self, client: Any, uri: str, patience: float | None = None) -> None:
+        self._client, self._uri = client, uri
+        if patience is None:
+            patience = float(os.environ.get(STORE_PATIENCE, DEFAULT_PATIENCE))
+        self._patience = patience
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            delay, deadline = 0.05, time.monotonic() + self._patience
+            while True:
+                try:
+                    return attribute(*args, **kwargs)
+                except Exception as error:
+                    if not _is_locked(error):
+                        raise
+                    if time.monotonic() + delay > deadline:
+                        raise UserError(
+                            f"the MLflow store {self._uri} stayed locked by another process for "
+                            f"{self._patience:g} s; wait for that process or raise "
+                            f"${STORE_PATIENCE}, then run the same command again"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(2 * delay, 5.0)
+
+        return call
+
+
+STORE_PATIENCE = "ROBUSTBENCH_MAT_STORE_PATIENCE"
+DEFAULT_PATIENCE = 120.0
+
+
 class Tracker:
     """A thin wrapper of `MlflowClient` bound to one work directory."""
 
@@ -74,7 +173,9 @@ class Tracker:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.uri = tracking_uri(workdir)
-        self.client = _client(self.uri)
+        self.artifact_root = artifact_root(workdir, self.uri)
+        ensure_store(self.uri, self.artifact_root)
+        self.client = PatientClient(_client(self.uri), self.uri)
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._logged_through: dict[str, int] = {}
 
@@ -85,9 +186,7 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
             return experiment.experiment_id
-        location = None
-        if self.uri.startswith("sqlite:///") and "MLFLOW_TRACKING_URI" not in os.environ:
-            location = (self.workdir / "artifacts" / name).as_uri()
+        location = None if self.artifact_root is None else f"{self.artifact_root}/{name}"
         try:
             return self.client.create_experiment(name, artifact_location=location)
         except MlflowException:  # created meanwhile by another process
@@ -176,6 +275,13 @@ class Tracker:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), artifact_path)
 
+    def end_after_error(self, run_id: str, state: str) -> None:
+        """`flush` and `end` on the way out of an error. A store that fails now (a full disk,
+        a lock) is not raised over the error being handled: the run then stays RUNNING."""
+        with contextlib.suppress(Exception):
+            self.flush()
+            self.end(run_id, state)
+
     def end(self, run_id: str, state: str) -> None:
         """End the run: finished -> FINISHED, failed -> FAILED, killed or pruned -> KILLED."""
         self.set_tags(run_id, {TAGS.STATE: state})
@@ -186,75 +292,3 @@ class Tracker:
             "pruned": "KILLED",
         }[state]
         self.client.set_terminated(run_id, status=status)
-
-
-def serve_ui(workdir: Path, port: int = 5000, ready_timeout: float = 120.0) -> int:
-    """Run the MLflow UI on 127.0.0.1 against the work directory's store, lean (one worker,
-    job execution and telemetry off), print the runs-table URLs and stop cleanly on Ctrl-C."""
-    import socket
-    import subprocess
-    import sys
-
-    uri = tracking_uri(workdir)
-    experiments = Tracker(workdir).client.search_experiments()
-    env = {
-        **os.environ,
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--default-artifact-root",
-        (workdir / "artifacts").as_uri(),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    server = subprocess.Popen(command, env=env)
-    try:
-        deadline = time.time() + ready_timeout
-        while True:
-            if server.poll() is not None:
-                print(
-                    f"robustbench-mat: the MLflow server stopped (exit {server.returncode})",
-                    file=sys.stderr,
-                )
-                return 1
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.time() > deadline:
-                    server.terminate()
-                    print(
-                        f"robustbench-mat: the MLflow server did not answer on port {port}",
-                        file=sys.stderr,
-                    )
-                    return 1
-                time.sleep(0.5)
-        base = f"http://127.0.0.1:{port}"
-        print(f"MLflow UI at {base} (store {uri}); Ctrl-C stops it", flush=True)
-        for experiment in experiments:
-            if experiment.name != "Default":
-                print(
-                    f"  {experiment.name}: {base}/#/experiments/{experiment.experiment_id}/runs",
-                    flush=True,
-                )
-        server.wait()
-        return server.returncode
-    except KeyboardInterrupt:
-        server.terminate()
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        print("MLflow UI stopped")
-        return 0

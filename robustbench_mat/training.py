@@ -8,9 +8,11 @@ the last checkpoint; uses CUDA with bf16 autocast when present and the CPU other
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robustbench_mat.data import BatchSchedule, BenchmarkDataset, EvalGroups, GroupedSplit
-from robustbench_mat.errors import RunFailed, UserError
+from robustbench_mat.errors import RunFailed, UserError, first_line
 from robustbench_mat.evaluation import (
     higher_is_better,
     inferred_group_metrics,
@@ -53,9 +55,12 @@ def seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    """The random states as plain data (tensors, ints, tuples), loadable with `weights_only`."""
+    kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    keys = torch.from_numpy(keys.astype(np.int64))
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, keys, position, has_gauss, cached_gaussian),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -65,28 +70,62 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state(
+        (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian)
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class CheckpointStore:
-    """The resumable state of one training loop, written atomically to one file."""
+    """The resumable state of one training loop: the newest checkpoint and the one before it,
+    each written atomically and read back as plain data only (`weights_only`: a crafted file
+    cannot run code). An unreadable newest checkpoint falls back to the previous one."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self.previous = self.path.with_suffix(PREVIOUS_SUFFIX)
 
     def load(self) -> dict[str, Any] | None:
-        if not self.path.exists():
-            return None
-        return torch.load(self.path, map_location="cpu", weights_only=False)
+        for path in (self.path, self.previous):
+            if not path.exists():
+                continue
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # truncated, corrupt, or more than plain data
+                reason = first_line(error)
+                fallback = "the previous one" if path == self.path else "the start"
+                print(
+                    f"robustbench-mat: checkpoint {path} cannot be read ({reason}); resuming "
+                    f"from {fallback}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return None
 
     def save(self, state: dict[str, Any]) -> None:
+        """Write `state`, keeping the last checkpoint as the previous one. Serialised in memory
+        first, so that a full disk raises `OSError(ENOSPC)` and leaves both files intact."""
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        try:
+            with open(tmp, "wb") as file:
+                file.write(buffer.getbuffer())
+                file.flush()
+                os.fsync(file.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.path.exists():
+            os.replace(self.path, self.previous)
         os.replace(tmp, self.path)
+
+
+PREVIOUS_SUFFIX = ".prev.pt"
 
 
 @dataclass

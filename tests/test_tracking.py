@@ -10,7 +10,8 @@ import pytest
 from helpers import only_run_dir
 from mlflow import MlflowClient
 
-from robustbench_mat.runner import RunSpec, package_version, run
+from robustbench_mat.provenance import package_version
+from robustbench_mat.runner import RunSpec, run
 from robustbench_mat.tracking import TAGS, Tracker, resolve_workdir, tracking_uri
 
 STEPS, EVAL_EVERY = 100, 20
