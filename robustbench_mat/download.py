@@ -6,9 +6,10 @@ request, and passing Google Drive's "cannot scan for viruses" page for large fil
 is reported as such). It verifies the published checksums where they are known, extracts archives
 atomically (into a temporary sibling folder, then `os.replace` into place, so a failure leaves no
 half-written dataset) and safely (no member outside the folder, no links or device files, no
-setuid bits), and finally runs the dataset's conversion. A truncated or corrupt archive the tool
-downloaded is deleted and the user told to retry; one placed by hand, or one whose extraction
-failed for another reason (a full disk), is kept. `prepare_dataset` only converts, for users
+setuid bits), and finally runs the dataset's conversion. A downloaded archive is deleted once
+extracted; a truncated or corrupt one is deleted and the user told to retry. An archive placed by
+hand is never deleted, and neither is one whose extraction failed for another reason (a full
+disk). `prepare_dataset` only converts, for users
 who placed the upstream files by hand (checked against the same checksums); the error of a failed
 download says which files to place where."""
 
@@ -435,7 +436,8 @@ def _place(
             )
         if item.extract:
             extract_archive(local, root / item.extract_to, downloaded)
-            local.unlink(missing_ok=True)
+            if downloaded:  # a copy placed by hand is the user's: never deleted
+                local.unlink(missing_ok=True)
     return _in_place(root, item)
 
 

@@ -374,6 +374,7 @@ def test_prepare_extracts_an_archive_placed_by_hand(served_waterbirds, tmp_path)
     (root / Waterbirds.upstream[0].filename).write_bytes(served_waterbirds.read_bytes())
     prepare_dataset(Waterbirds, tmp_path / "data", show_progress=False)
     assert (root / "metadata_waterbirds.csv").is_file()
+    assert (root / Waterbirds.upstream[0].filename).is_file()  # the user's copy is kept
 
 
 def test_failed_download_says_which_files_to_place_where(tmp_path, monkeypatch, capsys):
