@@ -360,3 +360,16 @@ def test_a_read_only_workdir_fails_in_one_line(tmp_path, capsys):
         if mounted:
             subprocess.run(["umount", str(folder)], check=True)
         folder.chmod(0o755)
+
+
+def test_the_leaderboard_leaves_no_stray_mlruns(tmp_path, monkeypatch, capsys):
+    from robustbench_mat.tuning import TuneSpec, tune
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    work = tmp_path / "work"
+    settings = dict(trials=1, seeds=1, steps=10, eval_every=10, data_params={"n": 200, "dim": 20})
+    tune(TuneSpec(method="erm", dataset="synthetic", workdir=str(work), **settings), log=print)
+    assert main(["leaderboard", "--workdir", str(work)]) == 0
+    assert "erm" in capsys.readouterr().out
+    assert not (tmp_path / "mlruns").exists()
+    assert (work / "artifacts" / "leaderboard").is_dir()
