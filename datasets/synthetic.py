@@ -23,10 +23,22 @@ class Synthetic(BenchmarkDataset):
 
     Each split draws `n` examples with y ~ Bernoulli(1/2). The core feature is
     x_y = (0.12 * N(0, 1) - 1) * (2y - 1); the spurious feature x_a is drawn the same way and then
-    has its sign flipped on exactly (1 - majority) of the examples, 90% majority in train and 50%
-    in val and test. The input is [x_y, 5 * x_a, noise_std * N(0, I_{dim-2})]: the noise
-    dimensions let a model memorise single examples. The attribute a is the class the spurious
-    feature points to, so majority examples have a == y. The seed of split s is seed + {0, 1, 2}.
+    has its sign flipped on the first int((1 - majority) * n) entries of a random permutation
+    (90% majority in train, 50% in val and test; int() truncates, so train flips 99 of 1000
+    because (1 - 0.9) * 1000 is 99.999... in floating point). The input is
+    [x_y, 5 * x_a, noise_std * N(0, I_{dim-2})]: the noise dimensions let a model memorise single
+    examples. The attribute a is the class the spurious feature points to, so majority examples
+    have a == y (the authors' m = 1[x_y * x_a > 0]).
+
+    With the default parameters every split equals, bit for bit, the authors' `problem_1(seed,
+    split, noise_std)` in interpretable_experiment.py (facebookresearch/Pitfalls-of-Memorization)
+    on the same torch version: train, val and test are their tr, va and te, seeded with
+    seed + {0, 1, 2}, and drawn in their order (y, x_y, x_a, the permutation, then the noise) from
+    a generator that reproduces the stream of `torch.manual_seed(seed + offset)`. The global RNG
+    is left untouched. Their "test" curves and numbers are the va split, i.e. our val split;
+    their te split (our test) is never used by their script. Their labels have a trailing
+    dimension of 1 that is squeezed here, as they do before training.
+
     """
 
     paper = "Bayat, Pezeshki et al. 2024, The Pitfalls of Memorization (arXiv 2412.07684)"
@@ -56,20 +68,25 @@ class Synthetic(BenchmarkDataset):
             raise UserError("dataset synthetic: majority and eval_majority must be in [0, 1]")
 
     def load_split(self, split: str) -> SplitArrays:
+        # A fresh CPU generator seeded like `torch.manual_seed` yields the same stream as the
+        # global one in the authors' script, without disturbing the caller's global state.
+        generator = torch.Generator().manual_seed(self.config["seed"] + _SPLIT_OFFSET[split])
+        return self._draw(split, generator)
+
+    def _draw(self, split: str, generator: torch.Generator) -> SplitArrays:
         c = self.config
         n = c["n"]
-        generator = torch.Generator().manual_seed(c["seed"] + _SPLIT_OFFSET[split])
-        y = torch.bernoulli(torch.full((n,), 0.5), generator=generator).long()
-        sign = 2.0 * y - 1.0
-        core = (torch.randn(n, generator=generator) * 0.12 - 1.0) * sign
-        spurious = (torch.randn(n, generator=generator) * 0.12 - 1.0) * sign
+        y = torch.zeros(n, 1).bernoulli_(0.5, generator=generator)
+        sign = 2 * y - 1
+        core = (torch.randn(n, 1, generator=generator) * 0.12 - 1) * sign
+        spurious = (torch.randn(n, 1, generator=generator) * 0.12 - 1) * sign
         majority = c["majority"] if split == "train" else c["eval_majority"]
-        flipped = torch.randperm(n, generator=generator)[: round((1.0 - majority) * n)]
-        spurious[flipped] *= -1.0
+        flipped = torch.randperm(n, generator=generator)[: int((1 - majority) * n)]
+        spurious[flipped] *= -1
         noise = c["noise_std"] * torch.randn(n, c["dim"] - 2, generator=generator)
-        x = torch.cat([core[:, None], c["spurious_scale"] * spurious[:, None], noise], dim=1)
-        a = (spurious < 0).long()  # class 1 sits near -1, class 0 near +1
-        return SplitArrays(x, y, a)
+        x = torch.cat([core, c["spurious_scale"] * spurious, noise], dim=1)
+        a = (spurious.squeeze(1) < 0).long()  # class 1 sits near -1, class 0 near +1
+        return SplitArrays(x, y.squeeze(1).long(), a)
 
     def build_model(self) -> nn.Module:
         return linear(self.config["dim"], self.n_classes, bias=False)
