@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,6 +30,15 @@ class GoodBadUgly(BenchmarkDataset):
     e = `feature_std` * N(0, I): the example-specific features a network can memorise with
     (good: 1e-4, bad: 1e-3, ugly: 0). Val and test are the other sweep points with e = 0 and
     labels f(x), so their error is the distance to the true function on unseen inputs.
+
+    The training set equals, bit for bit, the authors' `get_data(seed, 'tr', ...)` in
+    good_bad_ugly_memorization.py (facebookresearch/Pitfalls-of-Memorization) on the same torch
+    version: the training indices are numpy's float64 linspace truncated to integers, the
+    features e are drawn before the label noise from a generator that reproduces the stream of
+    `torch.manual_seed(seed)` (the global RNG is left untouched), and f is evaluated on the whole
+    sweep before the training points are taken from it. Their script has no val or test split: it
+    only plots the prediction on the sweep, so both of ours are the sweep points it does not train
+    on (the same for every seed). Their labels have a trailing dimension of 1, squeezed here.
     """
 
     paper = "Bayat, Pezeshki et al. 2024, The Pitfalls of Memorization (arXiv 2412.07684)"
@@ -54,7 +64,9 @@ class GoodBadUgly(BenchmarkDataset):
         """The sweep's x values and the indices of the training points in it."""
         c = self.config
         xs = torch.linspace(-1.5, 1.5, c["n_sweep"])
-        return xs, torch.linspace(0, c["n_sweep"] - 1, c["n_train"]).long()
+        # numpy's float64 linspace, truncated: the authors' indices, whatever the sizes.
+        chosen = np.linspace(0, c["n_sweep"] - 1, c["n_train"]).astype(np.int64)
+        return xs, torch.from_numpy(chosen)
 
     def training_features(self) -> torch.Tensor:
         c = self.config
@@ -67,18 +79,21 @@ class GoodBadUgly(BenchmarkDataset):
 
     def load_split(self, split: str) -> SplitArrays:
         xs, train_idx = self.sweep()
+        # f over the whole sweep, then indexed, as the authors do (a vectorised tanh need not
+        # give the same last bit on a shorter tensor).
+        fs = true_function(xs)
         if split == "train":
             drawn = self.training_features()
             features, noise = drawn[:, :-1], drawn[:, -1]
             x = xs[train_idx]
             return SplitArrays(
-                torch.cat([x[:, None], features], 1), true_function(x) + noise, torch.zeros(len(x))
+                torch.cat([x[:, None], features], 1), fs[train_idx] + noise, torch.zeros(len(x))
             )
         unseen = torch.ones(len(xs), dtype=torch.bool)
         unseen[train_idx] = False
         x = xs[unseen]
         inputs = torch.cat([x[:, None], torch.zeros(len(x), self.config["extra_dims"])], 1)
-        return SplitArrays(inputs, true_function(x), torch.zeros(len(x)))
+        return SplitArrays(inputs, fs[unseen], torch.zeros(len(x)))
 
     def build_model(self) -> nn.Module:
         return mlp(1 + self.config["extra_dims"], 1, hidden=(300, 300), activation=nn.Tanh)
