@@ -39,6 +39,12 @@ class Synthetic(BenchmarkDataset):
     their te split (our test) is never used by their script. Their labels have a trailing
     dimension of 1 that is squeezed here, as they do before training.
 
+    Their script builds its networks from the global RNG right after drawing va. With
+    init=authors a run starts from that state instead of its run seed's (`model_rng_state`), so
+    its first network gets their first network's weights: ERM then repeats their runs exactly.
+    MAT does not: XRM's assignment and label flips, and MAT's own network, come from that stream
+    in another order than in their script. The default, init=run-seed, draws the weights from
+    the run seed: with full batches on fixed data, the only thing a run seed varies.
     """
 
     paper = "Bayat, Pezeshki et al. 2024, The Pitfalls of Memorization (arXiv 2412.07684)"
@@ -58,6 +64,12 @@ class Synthetic(BenchmarkDataset):
         "eval_majority": HParam(0.5, "the same fraction in val and test"),
         "spurious_scale": HParam(5.0, "scale of the spurious feature (the core one has 1)"),
         "seed": HParam(1234, "seed of the data; split s uses seed + {train: 0, val: 1, test: 2}"),
+        "init": HParam(
+            "run-seed",
+            "initial weights from the run seed, or (authors) from the random stream the authors' "
+            "script builds its networks from: seed + 1 right after drawing the val split",
+            choices=("run-seed", "authors"),
+        ),
     }
 
     def check_config(self) -> None:
@@ -72,6 +84,16 @@ class Synthetic(BenchmarkDataset):
         # global one in the authors' script, without disturbing the caller's global state.
         generator = torch.Generator().manual_seed(self.config["seed"] + _SPLIT_OFFSET[split])
         return self._draw(split, generator)
+
+    def model_rng_state(self) -> torch.Tensor | None:
+        """With init=authors, the state of the authors' global RNG when their script builds its
+        networks: seeded with seed + 1 and advanced through every draw of the val split (their
+        va, drawn last); the noise is drawn even when noise_std is 0, so it does not matter."""
+        if self.config["init"] != "authors":
+            return None
+        generator = torch.Generator().manual_seed(self.config["seed"] + _SPLIT_OFFSET["val"])
+        self._draw("val", generator)
+        return generator.get_state()
 
     def _draw(self, split: str, generator: torch.Generator) -> SplitArrays:
         c = self.config

@@ -129,6 +129,12 @@ class BenchmarkDataset:
         """Overrides of the loop's defaults (`robustbench_mat.method.TRAINING_HPARAMS`)."""
         return {}
 
+    def model_rng_state(self) -> torch.Tensor | None:
+        """A global torch RNG state that a run sets after seeding, so that its networks are
+        built (and it draws its randomness) as a published script does; None, the default,
+        keeps the run seed's state."""
+        return None
+
     def search_space(self) -> dict[str, BaseDistribution]:
         """Search distributions of the loop's settings (lr, weight decay, batch size)."""
         return {

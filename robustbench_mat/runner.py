@@ -483,6 +483,9 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         ),
     )
     seed_everything(spec.seed)
+    published_state = the_plan.dataset.model_rng_state()
+    if published_state is not None:
+        torch.set_rng_state(published_state)
     method = the_plan.method_cls(the_plan.dataset, the_plan.hparams)
     context = RunContext(the_plan, tracker, run_id, settings, inferred)
     method.prepare(context)

@@ -243,3 +243,15 @@ def test_building_the_data_leaves_the_global_rng_alone():
         dataset.split(split)
     assert torch.equal(torch.rand(5), expected)
 
+
+@pytest.mark.parametrize("seed", [1234, 2345])
+def test_authors_init_continues_their_stream_after_the_va_split(seed):
+    with torch.random.fork_rng(devices=[]):
+        authors_problem_1(seed, "va", 0.5)  # their script builds its networks right after
+        first, second = (torch.nn.Linear(1800, 2, bias=False).weight for _ in range(2))
+        # Their noise is drawn even at noise_std 0, so the noise level does not move the stream.
+        torch.set_rng_state(Synthetic(seed=seed, noise_std=0.0, init="authors").model_rng_state())
+        dataset = Synthetic(seed=seed)
+        ours = [dataset.build_model().weight for _ in range(2)]
+    assert torch.equal(ours[0], first) and torch.equal(ours[1], second)
+    assert Synthetic(seed=seed).model_rng_state() is None  # default: the run seed's weights
