@@ -34,15 +34,20 @@ def test_figure1_reproduces_erm_memorisation_and_mat(workdir: Path, capsys) -> N
         == 0
     )
     table = capsys.readouterr().out
-    majority_train, minority_train, majority_test, minority_test = range(4)
+    majority_train, minority_train, majority_va, minority_va, _, minority_te = range(6)
     erm_clean, erm_noisy, mat = (
         _cells(table, label) for label in ("ERM, σ=0 ", "ERM, σ=0.5", "MAT")
     )
-    assert erm_clean[minority_test] >= 0.98
+    assert erm_clean[minority_va] >= 0.98
     assert erm_noisy[minority_train] == 1.0 and erm_noisy[majority_train] == 1.0
-    assert erm_noisy[minority_test] <= 0.35
-    assert mat[minority_test] >= 0.80
-    assert mat[majority_test] >= 0.9
+    assert erm_noisy[minority_va] <= 0.35 and erm_noisy[minority_te] <= 0.35
+    assert mat[minority_va] >= 0.80 and mat[minority_te] >= 0.80
+    assert mat[majority_va] >= 0.9
+    # The authors' script on seed 1234 (their "test" is va): ERM σ=0.5 0.144, MAT 0.898. Same
+    # data and initial weights, so ERM repeats their run; MAT's own draws differ.
+    assert erm_noisy[minority_va] == pytest.approx(0.144, abs=0.01)
+    assert mat[minority_va] == pytest.approx(0.898, abs=0.02)
+    assert 'va: the 50/50 split the authors plot and report as "test"' in table
 
     folder = workdir / "experiments" / "figure1"
     assert sorted(p.name for p in (folder / "seed1234").glob("*.png")) == [
@@ -54,8 +59,8 @@ def test_figure1_reproduces_erm_memorisation_and_mat(workdir: Path, capsys) -> N
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     (summary,) = client.search_runs([client.get_experiment_by_name("experiments").experiment_id])
     assert summary.info.status == "FINISHED"
-    assert summary.data.metrics["mat_noise0.5.minority_test"] == pytest.approx(
-        mat[minority_test], abs=5e-4
+    assert summary.data.metrics["mat_noise0.5.minority_va"] == pytest.approx(
+        mat[minority_va], abs=5e-4
     )
     artifacts = {a.path for a in client.list_artifacts(summary.info.run_id)}
     assert "figure1.md" in artifacts

@@ -5,6 +5,14 @@ Three runs per seed, each 1000 full-batch gradient-descent updates of a bias-fre
 the `synthetic` dataset: ERM without noise (lr 3e-2), ERM with noise std 0.5 (lr 1e-2), and MAT
 with noise std 0.5 and temperature 0.1, whose first phase is XRM with the plain mean held-in
 loss and one global calibration, as in the paper's script. Accuracies are read at the last step.
+
+The data of seed s are the authors' tensors bit for bit, and the networks start from the
+authors' random stream (`init=authors`, see `synthetic`): ERM then repeats their run update for
+update; MAT's networks and draws follow that stream in our order (XRM's twins first, with their
+own split and label flips, then MAT's network), which is not theirs. Their "test" curves
+and numbers are their va split (50/50, data seed s + 1), which is our val split: the figure
+reports it as "va", next to our test split ("te", seed s + 2, which their script never uses).
+Nothing is selected on va here: every number is the last step's.
 """
 
 from __future__ import annotations
@@ -47,7 +55,20 @@ SETTINGS = (
     ),
 )
 STEPS = 1000
-COLUMNS = ("majority train", "minority train", "majority test", "minority test")
+# Our splits and the names the figure gives them: the authors' tr, va and te are our train,
+# val and test splits.
+SPLITS = (("train", "train"), ("val", "va"), ("test", "te"))
+COLUMNS = tuple(f"{part} {name}" for _, name in SPLITS for part in ("majority", "minority"))
+SPLIT_LEGEND = (
+    "train: the 90/10 training split (data seed s); va: the 50/50 split the authors plot and "
+    'report as "test" (their va, seed s + 1, our val split); te: a second 50/50 split (their '
+    "te, seed s + 2, our test split), which their script never uses"
+)
+
+
+def data_params(setting: Setting, seed: int) -> dict[str, Any]:
+    """The authors' data for `seed`, and their networks' initial weights (see `synthetic`)."""
+    return {"noise_std": setting.noise_std, "seed": seed, "init": "authors"}
 
 
 def spec_for(setting: Setting, seed: int, workdir: Path, device: str, progress: bool) -> RunSpec:
@@ -67,7 +88,7 @@ def spec_for(setting: Setting, seed: int, workdir: Path, device: str, progress: 
             "weight_decay": 0.0,
             **setting.hparams,
         },
-        data_params={"noise_std": setting.noise_std, "seed": seed},
+        data_params=data_params(setting, seed),
         inference_hparams=dict(setting.inference_hparams),
         workdir=workdir,
         kind="experiment",
@@ -77,9 +98,10 @@ def spec_for(setting: Setting, seed: int, workdir: Path, device: str, progress: 
 
 
 def majority_minority_curves(history: pd.DataFrame, dataset) -> pd.DataFrame:
-    """Accuracy on the majority (a == y) and minority (a != y) examples per step and split."""
+    """Accuracy on the majority (a == y) and minority (a != y) examples per step and split, in
+    columns named as in `COLUMNS` (va is our val split, te our test split)."""
     curves = pd.DataFrame({"step": history["step"]})
-    for split, name in (("train", "train"), ("test", "test")):
+    for split, name in SPLITS:
         data = dataset.split(split)
         for part, keep in (("majority", data.a == data.y), ("minority", data.a != data.y)):
             total = torch.zeros(len(history), dtype=torch.float64)
@@ -107,15 +129,23 @@ def plot_setting(
 
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 7))
     styles = {
-        "majority train": ("k", "-"),
-        "minority train": ("k", "--"),
-        "majority test": ("r", "-"),
-        "minority test": ("r", "--"),
+        "majority train": ("k", "-", 1.5, "majority train"),
+        "minority train": ("k", "--", 1.5, "minority train"),
+        "majority va": ("r", "-", 1.5, 'majority va (authors\' "test", seed+1)'),
+        "minority va": ("r", "--", 1.5, 'minority va (authors\' "test", seed+1)'),
+        "minority te": ("tab:gray", ":", 1.0, "minority te (unused by authors, seed+2)"),
     }
-    for column, (color, style) in styles.items():
-        top.plot(curves["step"], curves[column], color=color, linestyle=style, label=column)
+    for column, (color, style, width, label) in styles.items():
+        top.plot(
+            curves["step"],
+            curves[column],
+            color=color,
+            linestyle=style,
+            linewidth=width,
+            label=label,
+        )
     top.set(xlabel="update", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{setting.label}")
-    top.legend(loc="lower right", fontsize=8)
+    top.legend(loc="lower right", fontsize=7)
 
     method = METHODS.get(result.method)(dataset, result.hparams)
     method.load_state_dict(torch.load(run_dir / "final_model.pt", weights_only=True))
@@ -164,7 +194,7 @@ def run_figure1(
             spec = spec_for(setting, seed, workdir, device, progress)
             result = run(spec)
             run_dir = plan(spec).run_dir
-            dataset = DATASETS.get("synthetic")(noise_std=setting.noise_std, seed=seed)
+            dataset = DATASETS.get("synthetic")(**data_params(setting, seed))
             curves = majority_minority_curves(pd.read_csv(run_dir / "history.csv"), dataset)
             final[setting.label].append(curves.iloc[-1][list(COLUMNS)].to_dict())
             if plot:
@@ -178,11 +208,19 @@ def run_figure1(
         for label, records in final.items()
     ]
     table = markdown_table(rows, ["setting", *COLUMNS])
+    per_seed = markdown_table(
+        [
+            [label] + [f"{r['minority va']:.3f}" for r in records]
+            for label, records in final.items()
+        ],
+        ["minority va (authors' test) per seed", *map(str, seeds)],
+    )
+    table = f"{table}\n\n{per_seed}"
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / "figure1.md"
     table_path.write_text(
         f"Final accuracy after {STEPS} full-batch updates, mean ± std over seeds "
-        f"{', '.join(map(str, seeds))} (test: the 50/50 test split).\n\n{table}\n"
+        f"{', '.join(map(str, seeds))}.\n\n{table}\n\n{SPLIT_LEGEND}.\n"
     )
     metrics = {
         f"{s.slug}.{c.replace(' ', '_')}": sum(r[c] for r in final[s.label]) / len(seeds)
@@ -196,4 +234,4 @@ def run_figure1(
         [table_path, *files],
         {"seeds": " ".join(map(str, seeds)), "steps": STEPS},
     )
-    return table, out
+    return f"{table}\n\n{SPLIT_LEGEND}.", out
