@@ -133,8 +133,9 @@ def test_shift_is_not_applied_at_evaluation() -> None:
 def test_mat_with_a_uniform_held_out_model_trains_exactly_like_erm() -> None:
     # With constant held-out logits and balanced classes the shift is the same for every class,
     # so softmax (and every gradient) is unchanged: MAT reduces to ERM.
-    dataset = DATASETS.get("synthetic")(n=40, dim=6)
+    dataset = DATASETS.get("synthetic")(n=60, dim=6)
     y = dataset.split("train").y
+    assert (y == 0).sum() >= 15 and (y == 1).sum() >= 15
     balanced = torch.cat([torch.nonzero(y == 0)[:15, 0], torch.nonzero(y == 1)[:15, 0]])
     uniform = torch.zeros(len(y), 2)
 
