@@ -79,6 +79,9 @@ class RunSpec:
     inference_hparams: dict[str, Any] = field(default_factory=dict)
     stop_loss: float | None = None
     inference_trials: int = 1
+    inference_steps: int | None = None
+    inference_data: dict[str, Any] = field(default_factory=dict)
+    inference_seed: int | None = None
     on_evaluation: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
 
@@ -130,8 +133,7 @@ class RunPlan:
                 "eval_every": self.eval_every,
                 "device": self.device.type,
                 "inferrer": self.inferrer,
-                "inference_hparams": self.spec.inference_hparams if self.inferrer else {},
-                "inference_trials": self.spec.inference_trials if self.inferrer else 1,
+                "inference": self.inference_settings(),
                 "stop_loss": self.spec.stop_loss,
             }
         )
@@ -160,7 +162,21 @@ class RunPlan:
             "code_fingerprint": self.code.fingerprint,
             "torch_version": torch.__version__,
             **{f"data.{k}": v for k, v in self.dataset.config.items()},
-            **{f"inference.{k}": v for k, v in self.spec.inference_hparams.items()},
+            **{f"inference.{k}": v for k, v in (self.inference_settings() or {}).items()},
+        }
+
+    def inference_settings(self) -> dict[str, Any] | None:
+        """How the group-inference runs are set up (None when the run infers no groups); the
+        seed is the run's own unless one inference seed serves every seed (the paper: 0)."""
+        if self.inferrer is None:
+            return None
+        spec = self.spec
+        return {
+            "trials": spec.inference_trials,
+            "steps": spec.inference_steps,
+            "data": spec.inference_data,
+            "seed": spec.seed if spec.inference_seed is None else spec.inference_seed,
+            "hparams": spec.inference_hparams,
         }
 
     def tags(self) -> dict[str, Any]:
@@ -286,10 +302,17 @@ def plan(spec: RunSpec) -> RunPlan:
             raise UserError(f"--infer-trials must be at least 1, got {spec.inference_trials}")
         for inference in inference_specs(the_plan):
             plan(inference)  # bad inference settings fail before anything starts
-    elif spec.inference_hparams or spec.inference_trials != 1:
+    elif (
+        spec.inference_hparams
+        or spec.inference_trials != 1
+        or spec.inference_steps is not None
+        or spec.inference_data
+        or spec.inference_seed is not None
+    ):
         raise UserError(
-            f"--infer-set applies to methods that infer groups first (mat, xrm) or to the "
-            f"val_inferred_* criteria; {method_cls.name!r} with {criterion!r} infers none"
+            f"--infer-set, --infer-steps, --infer-data, --infer-seed and --infer-trials apply to "
+            f"methods that infer groups first (mat, xrm) or to the val_inferred_* criteria; "
+            f"{method_cls.name!r} with {criterion!r} infers none"
         )
     return the_plan
 
@@ -403,8 +426,10 @@ def obtain_inferred_groups(the_plan: RunPlan) -> tuple[InferredGroups, RunResult
         if not (inference_plan.run_dir / "result.json").exists() and spec.show_progress:
             print(
                 f"{the_plan.method_name} needs groups inferred by {the_plan.inferrer}: running "
-                f"{the_plan.inferrer} on {the_plan.dataset.name} (seed {spec.seed}, "
-                f"{inference.hparams or 'default settings'})",
+                f"{the_plan.inferrer} on {the_plan.dataset.name} for {inference_plan.steps} steps "
+                f"(seed {inference.seed}, {inference.hparams or 'default settings'}"
+                f"{f', data {inference.data_params}' if spec.inference_data else ''}); "
+                "--infer-steps, --infer-set and --infer-data change it",
                 flush=True,
             )
         result = run(inference)
@@ -435,11 +460,12 @@ def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
         RunSpec(
             method=the_plan.inferrer,
             dataset=the_plan.dataset.name,
-            seed=spec.seed,
+            seed=spec.seed if spec.inference_seed is None else spec.inference_seed,
             regime="none",
+            steps=spec.inference_steps,
             device=spec.device,
             hparams=configuration,
-            data_params=dict(the_plan.dataset.config),
+            data_params={**the_plan.dataset.config, **spec.inference_data},
             data_dir=spec.data_dir,
             workdir=the_plan.workdir,
             kind="group-inference",
