@@ -158,7 +158,8 @@ def command_leaderboard(args: argparse.Namespace) -> int:
 
 
 def command_ui(args: argparse.Namespace) -> int:
-    from robustbench_mat.tracking import resolve_workdir, serve_ui
+    from robustbench_mat.tracking import resolve_workdir
+    from robustbench_mat.ui import serve_ui
 
     return serve_ui(resolve_workdir(args.workdir), args.port)
 
