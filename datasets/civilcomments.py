@@ -112,7 +112,7 @@ class _CivilComments(TextBenchmark):
     default_eval_every = 1000
     params = {
         **text_params(),
-        "max_length": HParam(220, "tokens per comment (truncated or padded)"),
+        "max_length": HParam(220, "tokens per comment (truncated or padded)", ge=1),
     }
     upstream = (
         UpstreamFile(

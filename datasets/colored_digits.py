@@ -12,7 +12,7 @@ from torch import nn
 from robustbench_mat.backbones import small_cnn
 from robustbench_mat.data import BenchmarkDataset, SplitArrays
 from robustbench_mat.errors import UserError
-from robustbench_mat.hparams import HParam
+from robustbench_mat.hparams import MAX_SEED, HParam
 from robustbench_mat.registry import register_dataset
 
 SPLIT_SIZES = {"train": 1000, "val": 397, "test": 400}  # the 1,797 digits of load_digits()
@@ -43,9 +43,11 @@ class ColoredDigits(BenchmarkDataset):
     default_eval_every = 50
     evaluate_train = True
     params = {
-        "majority": HParam(0.95, "fraction of training examples whose colour agrees with y"),
-        "eval_majority": HParam(0.5, "the same fraction in val and test"),
-        "seed": HParam(0, "seed of the split and of the colouring"),
+        "majority": HParam(
+            0.95, "fraction of training examples whose colour agrees with y", ge=0, le=1
+        ),
+        "eval_majority": HParam(0.5, "the same fraction in val and test", ge=0, le=1),
+        "seed": HParam(0, "seed of the split and of the colouring", ge=0, le=MAX_SEED),
     }
 
     def check_config(self) -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from robustbench_mat.backbones import mlp
 from robustbench_mat.data import BenchmarkDataset, EvalGroups, GroupedSplit, SplitArrays
 from robustbench_mat.evaluation import regression_metrics
-from robustbench_mat.hparams import HParam
+from robustbench_mat.hparams import MAX_SEED, HParam
 from robustbench_mat.registry import register_dataset
 
 
@@ -52,12 +52,14 @@ class GoodBadUgly(BenchmarkDataset):
     default_criterion = "val_mse"
     evaluate_train = True
     params = {
-        "feature_std": HParam(1e-4, "std of the example-specific features of training points"),
-        "extra_dims": HParam(30, "number of example-specific feature dimensions"),
-        "n_train": HParam(20, "training points, evenly spaced over the sweep"),
-        "n_sweep": HParam(1000, "points of the sweep over [-1.5, 1.5]"),
-        "label_noise": HParam(0.08, "std of the label noise on training points"),
-        "seed": HParam(123, "seed of the features and label noise"),
+        "feature_std": HParam(
+            1e-4, "std of the example-specific features of training points", ge=0
+        ),
+        "extra_dims": HParam(30, "number of example-specific feature dimensions", ge=0),
+        "n_train": HParam(20, "training points, evenly spaced over the sweep", ge=1),
+        "n_sweep": HParam(1000, "points of the sweep over [-1.5, 1.5]", ge=1),
+        "label_noise": HParam(0.08, "std of the label noise on training points", ge=0),
+        "seed": HParam(123, "seed of the features and label noise", ge=0, le=MAX_SEED),
     }
 
     def sweep(self) -> tuple[torch.Tensor, torch.Tensor]:

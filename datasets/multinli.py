@@ -95,7 +95,9 @@ class MultiNLI(TextBenchmark):
     default_eval_every = 1000
     params = {
         **text_params(),
-        "max_length": HParam(128, "tokens kept of the stored 128 (fewer: faster smoke runs)"),
+        "max_length": HParam(
+            128, "tokens kept of the stored 128 (fewer: faster smoke runs)", ge=1, le=128
+        ),
     }
     upstream = (
         UpstreamFile(

@@ -11,7 +11,7 @@ from torch import nn
 from robustbench_mat.backbones import linear
 from robustbench_mat.data import BenchmarkDataset, SplitArrays
 from robustbench_mat.errors import UserError
-from robustbench_mat.hparams import HParam
+from robustbench_mat.hparams import MAX_SEED, HParam
 from robustbench_mat.registry import register_dataset
 
 _SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -57,13 +57,23 @@ class Synthetic(BenchmarkDataset):
     default_checkpoint_every = 100
     evaluate_train = True
     params = {
+        # n >= 1 and dim >= 2 are checked by check_config
         "n": HParam(1000, "examples per split"),
         "dim": HParam(1800, "input dimensions: 2 features plus dim - 2 noise dimensions"),
-        "noise_std": HParam(0.5, "standard deviation of the example-specific noise dimensions"),
-        "majority": HParam(0.9, "fraction of training examples whose spurious feature agrees"),
-        "eval_majority": HParam(0.5, "the same fraction in val and test"),
+        "noise_std": HParam(
+            0.5, "standard deviation of the example-specific noise dimensions", ge=0
+        ),
+        "majority": HParam(
+            0.9, "fraction of training examples whose spurious feature agrees", ge=0, le=1
+        ),
+        "eval_majority": HParam(0.5, "the same fraction in val and test", ge=0, le=1),
         "spurious_scale": HParam(5.0, "scale of the spurious feature (the core one has 1)"),
-        "seed": HParam(1234, "seed of the data; split s uses seed + {train: 0, val: 1, test: 2}"),
+        "seed": HParam(
+            1234,
+            "seed of the data; split s uses seed + {train: 0, val: 1, test: 2}",
+            ge=0,
+            le=MAX_SEED,
+        ),
         "init": HParam(
             "run-seed",
             "initial weights from the run seed, or (authors) from the random stream the authors' "

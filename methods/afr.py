@@ -76,15 +76,21 @@ class AFR(Method):
             14.0,
             "γ: weights ∝ exp(-γ p(y)) of the stage-1 probability of the true label",
             search=FloatDistribution(0.0, 20.0),
+            ge=0,
         ),
         "reg": HParam(
             0.0,
             "λ: strength of the squared ℓ2 pull of the last layer towards stage 1's",
             search=FloatDistribution(0.0, 1.0),
+            ge=0,
         ),
-        "train_prop": HParam(0.8, "fraction of the training split that stage 1 trains on"),
+        "train_prop": HParam(
+            0.8, "fraction of the training split that stage 1 trains on", gt=0, lt=1
+        ),
         "first_stage_frac": HParam(
-            1.0, "stage-1 ERM length as a fraction of the run's steps (stage 2 runs them all)"
+            1.0,
+            "stage-1 ERM length as a fraction of the run's steps (stage 2 runs them all)",
+            gt=0,
         ),
         "rebalance": HParam(True, "multiply the weights by N / N_c of the example's class"),
     }

@@ -52,9 +52,12 @@ class DFR(Method):
             0.1,
             "strength of the ℓ1 penalty on the last layer's weights",
             search=FloatDistribution(1e-3, 3.0, log=True),
+            ge=0,
         ),
         "first_stage_frac": HParam(
-            1.0, "stage-1 ERM length as a fraction of the run's steps (stage 2 runs them all)"
+            1.0,
+            "stage-1 ERM length as a fraction of the run's steps (stage 2 runs them all)",
+            gt=0,
         ),
         "standardize": HParam(True, "standardise the features with the fitting set's statistics"),
     }

@@ -33,6 +33,7 @@ class GroupDRO(Method):
             1e-2,
             "step size of the group weights",
             search=FloatDistribution(1e-3, 1e-1, log=True),
+            gt=0,
         ),
     }
 

@@ -79,11 +79,13 @@ class JTT(Method):
             0.1,
             "stage-1 ERM length T as a fraction of the run's steps (stage 2 runs the full steps)",
             search=FloatDistribution(0.02, 0.5, log=True),
+            gt=0,
         ),
         "upsample": HParam(
             50,
             "λ_up: how many times each misclassified example appears in stage 2",
             search=IntDistribution(2, 100, log=True),
+            ge=1,
         ),
     }
 

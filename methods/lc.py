@@ -60,25 +60,35 @@ class LC(Method):
     paper = "Liu et al. 2023, Avoiding Spurious Correlations via Logit Correction (ICLR)"
     hparams = {
         "q": HParam(
-            0.7, "GCE exponent q of the biased network", search=FloatDistribution(0.05, 0.95)
+            0.7,
+            "GCE exponent q of the biased network",
+            search=FloatDistribution(0.05, 0.95),
+            gt=0,
+            le=1,
         ),
         "temperature": HParam(
             1.0,
             "τ: temperature of the biased softmax behind the pseudo-attribute",
             search=CategoricalDistribution([0.5, 1.0, 2.0]),
+            gt=0,
         ),
         "ema": HParam(
             0.7,
             "α of the moving averages (per-example biased softmax, and the (y, â) matrix)",
             search=FloatDistribution(0.0, 0.99),
+            ge=0,
+            lt=1,
         ),
         "gce_weight": HParam(
             1.0,
             "λ_dis: weight of the biased network's GCE in the total loss",
             search=FloatDistribution(0.1, 10.0, log=True),
+            ge=0,
         ),
         "group_mixup": HParam(False, "mix examples with same-class pseudo-minority ones"),
-        "mixup_rampup": HParam(0.5, "fraction of the run over which the mixup strength ramps up"),
+        "mixup_rampup": HParam(
+            0.5, "fraction of the run over which the mixup strength ramps up", ge=0, le=1
+        ),
     }
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:

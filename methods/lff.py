@@ -51,12 +51,18 @@ class LfF(Method):
     )
     hparams = {
         "q": HParam(
-            0.7, "GCE exponent q of the biased network", search=FloatDistribution(0.05, 0.95)
+            0.7,
+            "GCE exponent q of the biased network",
+            search=FloatDistribution(0.05, 0.95),
+            gt=0,
+            le=1,
         ),
         "ema": HParam(
             0.7,
             "α of the per-example moving averages of the losses (weights=ema)",
             search=FloatDistribution(0.5, 0.99),
+            ge=0,
+            lt=1,
         ),
         "weights": HParam(
             "ema",

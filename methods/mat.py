@@ -65,6 +65,7 @@ class MAT(Method):
             0.1,
             "temperature of the held-out softmax",
             search=CategoricalDistribution([0.001, 0.01, 0.1]),
+            gt=0,
         ),
         "calibration": HParam(
             "batch",

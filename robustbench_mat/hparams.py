@@ -1,18 +1,30 @@
-"""Hyperparameter declarations: a default, a help text and an Optuna search distribution.
+"""Hyperparameter declarations: a default, a help text, bounds and an Optuna search distribution.
 
 A hyperparameter's type is the type of its default. Values given as text (`--set lr=0.1`) are
 parsed to that type; unknown names and unparsable values fail with the list of valid keys.
+Bounds follow the `gt` / `ge` / `lt` / `le` convention (value > gt, >= ge, < lt, <= le); float
+values must always be finite. A declaration whose default or search range breaks its own bounds
+is a programming error (ValueError); a value given by the user outside them is a `UserError`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from optuna.distributions import BaseDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 
 from robustbench_mat.errors import UserError
+
+# Seeds are taken in numpy's legacy range, which `training.seed_everything` passes on unchanged.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -23,9 +35,53 @@ class HParam:
     help: str
     search: BaseDistribution | None = None
     choices: tuple[Any, ...] | None = None
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.gt is not None and self.ge is not None:
+            raise ValueError("declare at most one lower bound (gt or ge)")
+        if self.lt is not None and self.le is not None:
+            raise ValueError("declare at most one upper bound (lt or le)")
+        if not self.allows(self.default):
+            raise ValueError(f"default {self.default!r} is not {self.describe_range()}")
+        outside = [v for v in search_range(self.search) if not self.allows(v)]
+        if outside:
+            raise ValueError(
+                f"search distribution {self.search} reaches {outside}, not {self.describe_range()}"
+            )
 
     def with_default(self, default: Any) -> HParam:
         return replace(self, default=default)
+
+    def allows(self, value: Any) -> bool:
+        """Whether `value` (of this type) is finite, if a float, and within the bounds."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return True
+        return (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+        )
+
+    def describe_range(self) -> str:
+        """The allowed values in words, e.g. 'a finite float in [0, 1)' or 'an int >= 1'."""
+        kind = type(self.default).__name__
+        noun = {"float": "a finite float", "int": "an int"}.get(kind, f"a {kind}")
+        low = ("(", self.gt) if self.gt is not None else ("[", self.ge)
+        high = (")", self.lt) if self.lt is not None else ("]", self.le)
+        if low[1] is not None and high[1] is not None:
+            return f"{noun} in {low[0]}{_number(low[1])}, {_number(high[1])}{high[0]}"
+        if low[1] is not None:
+            return f"{noun} {'>' if low[0] == '(' else '>='} {_number(low[1])}"
+        if high[1] is not None:
+            return f"{noun} {'<' if high[0] == ')' else '<='} {_number(high[1])}"
+        return noun
 
     def parse(self, name: str, value: Any, owner: str) -> Any:
         """Convert `value` (text from the command line, or a Python value) to this type."""
@@ -46,7 +102,24 @@ class HParam:
         if self.choices is not None and parsed not in self.choices:
             options = ", ".join(map(str, self.choices))
             raise UserError(f"{owner} setting {name!r} must be one of {options}, got {value!r}")
+        if not self.allows(parsed):
+            raise UserError(
+                f"{owner} setting {name!r} must be {self.describe_range()}, got {value!r}"
+            )
         return parsed
+
+
+def search_range(distribution: BaseDistribution | None) -> tuple[Any, ...]:
+    """The extreme values `distribution` can propose: low and high, or every choice."""
+    if isinstance(distribution, (FloatDistribution, IntDistribution)):
+        return (distribution.low, distribution.high)
+    if isinstance(distribution, CategoricalDistribution):
+        return tuple(distribution.choices)
+    return ()
+
+
+def _number(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() and abs(bound) < 1e15 else str(bound)
 
 
 def _parse_int(value: Any) -> int:

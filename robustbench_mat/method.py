@@ -10,7 +10,7 @@ group-inference method in `group_inference`; the runner provides its artifact to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -27,15 +27,16 @@ if TYPE_CHECKING:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
 TRAINING_HPARAMS: dict[str, HParam] = {
-    "lr": HParam(1e-3, "learning rate"),
-    "weight_decay": HParam(1e-4, "L2 weight decay (decoupled for adamw)"),
+    "lr": HParam(1e-3, "learning rate", gt=0),
+    "weight_decay": HParam(1e-4, "L2 weight decay (decoupled for adamw)", ge=0),
     "batch_size": HParam(
         64,
         "examples per step; 0 trains on the whole training split at once (full batch)",
         search=CategoricalDistribution([32, 64, 128]),
+        ge=0,
     ),
     "optimizer": HParam("sgd", "optimiser", choices=OPTIMIZERS),
-    "momentum": HParam(0.9, "SGD momentum"),
+    "momentum": HParam(0.9, "SGD momentum", ge=0, lt=1),
     "class_balanced": HParam(
         False,
         "draw minibatches with replacement, every class equally often (the MAT paper's "
@@ -91,9 +92,7 @@ class Method(nn.Module):
         for name, default in dataset.default_hparams().items():
             specs[name] = specs[name].with_default(default)
         for name, distribution in dataset.search_space().items():
-            specs[name] = HParam(
-                specs[name].default, specs[name].help, distribution, specs[name].choices
-            )
+            specs[name] = replace(specs[name], search=distribution)
         specs.update(cls.hparams)
         return specs
 
