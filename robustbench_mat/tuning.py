@@ -12,31 +12,40 @@ retried with the same parameters, and its run resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
-from optuna.distributions import BaseDistribution
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
 from optuna.trial import FrozenTrial, TrialState
 
 from robustbench_mat.data import BenchmarkDataset, stable_hash
 from robustbench_mat.errors import RunPruned, UserError
 from robustbench_mat.evaluation import higher_is_better
 from robustbench_mat.method import Method
+from robustbench_mat.registry import METHODS
 from robustbench_mat.runner import RunPlan, RunResult, RunSpec, plan, run
 from robustbench_mat.tracking import TAGS, Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 LAUNCHERS = ("local", "slurm", "submitit-local")
 PAPER_GRID_SIZE = 10
+DEFAULT_TRIALS = 20
 
 
 @dataclass
@@ -46,7 +55,7 @@ class TuneSpec:
     method: str
     dataset: str
     regime: str | None = None
-    trials: int = 20
+    trials: int | None = None  # None: DEFAULT_TRIALS, or the grid's size with `grid`
     seeds: int = 3
     criterion: str | None = None
     steps: int | None = None
@@ -105,12 +114,18 @@ class TuneResult:
 # --- the study --------------------------------------------------------------------------------
 def base_plan(spec: TuneSpec) -> RunPlan:
     """Validates the spec against the plugins and regimes before anything starts."""
-    if spec.trials < 1 or spec.seeds < 1 or spec.workers < 1:
+    check_storage(spec.storage)
+    if (spec.trials is not None and spec.trials < 1) or spec.seeds < 1 or spec.workers < 1:
         raise UserError("--trials, --seeds and --workers must be at least 1")
     if spec.launcher not in LAUNCHERS:
         raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}")
     if spec.grid not in (None, "paper"):
         raise UserError(f"--grid must be 'paper', got {spec.grid!r}")
+    if spec.grid == "paper" and spec.trials not in (None, PAPER_GRID_SIZE):
+        raise UserError(
+            f"--grid paper runs its {PAPER_GRID_SIZE} configurations: leave out --trials "
+            f"(or give --trials {PAPER_GRID_SIZE}), got --trials {spec.trials}"
+        )
     return plan(spec.run_spec({}, spec.trial_seed, "trial", {}))
 
 
@@ -125,13 +140,23 @@ def search_space(the_plan: RunPlan, fixed: dict[str, Any]) -> dict[str, BaseDist
     return space
 
 
+def trial_space(spec: TuneSpec, the_plan: RunPlan) -> dict[str, BaseDistribution]:
+    """The distributions every trial asks Optuna for: the grid's own under `--grid paper` (the
+    method's settings the grid does not set keep their defaults), else the method's search space."""
+    if spec.grid == "paper":
+        return paper_space(the_plan.method_cls, the_plan.dataset, spec.hparams)
+    return search_space(the_plan, spec.hparams)
+
+
 def study_name(spec: TuneSpec, the_plan: RunPlan) -> str:
-    """`<method>.<dataset>.<regime>.steps<N>` plus a hash of every other fixed setting."""
+    """`<method>.<dataset>.<regime>.steps<N>.<hash>`, the hash covering the code (a study never
+    mixes trials of two versions of a method) and every other fixed setting."""
     name = (
         f"{the_plan.method_name}.{the_plan.dataset.name}.{the_plan.regime.name}."
         f"steps{the_plan.steps}"
     )
-    extra = {
+    fixed = {
+        "code": the_plan.code.fingerprint,
         "data": spec.data_params,
         "fixed": spec.hparams,
         "criterion": the_plan.criterion,
@@ -141,17 +166,49 @@ def study_name(spec: TuneSpec, the_plan: RunPlan) -> str:
         "inference": spec.inference_hparams,
         "device": the_plan.device.type,
     }
-    default = {
-        "data": {},
-        "fixed": {},
-        "criterion": the_plan.regime.default_criterion,
-        "eval_every": the_plan.dataset.default_eval_every,
-        "grid": None,
-        "seed": 0,
-        "inference": {},
-        "device": the_plan.device.type,
-    }
-    return name if extra == default else f"{name}.{stable_hash(extra, 8)}"
+    return f"{name}.{stable_hash(fixed, 8)}"
+
+
+STORAGE_FORMS = "sqlite:///path/to/optuna.db or postgresql://user:password@host/database"
+
+
+def check_storage(url: str | None) -> None:
+    """Fail in one line unless `url` (--storage) is a database URL that Optuna can open: one
+    SQLAlchemy parses, of a database kind whose driver is installed, and for a sqlite file, in
+    an existing folder."""
+    if url is None:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise UserError(
+            f"--storage {url!r} is not a database URL; expected {STORAGE_FORMS}"
+        ) from None
+    shown = parsed.render_as_string(hide_password=True)
+    try:
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise UserError(
+            f"--storage {shown}: unknown database kind {parsed.drivername!r}; expected "
+            f"{STORAGE_FORMS}"
+        ) from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as error:
+        raise UserError(
+            f"--storage {shown}: its database driver is not installed ({error}); install it, "
+            "or use postgresql+psycopg://... (pip install 'robustbench-mat[postgres]')"
+        ) from None
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        folder = Path(parsed.database).absolute().parent
+        if not folder.is_dir():
+            raise UserError(
+                f"--storage {shown}: folder {folder} does not exist; create it or choose "
+                "another path"
+            )
 
 
 def storage_url(spec: TuneSpec, workdir: Path) -> str:
@@ -183,37 +240,105 @@ def open_study(spec: TuneSpec, the_plan: RunPlan, worker: int = 0) -> optuna.Stu
 
 
 # --- the paper's grid -------------------------------------------------------------------------
+# The random grid of the MAT code (registry.py, the same as XRM's): configuration `combo` draws
+# from numpy's RandomState(combo), in this order, lr = 10^U(lr range) and batch size =
+# int(2^U(batch range)) by model family, weight decay = 10^U(-6, -3), then (GroupDRO) eta =
+# 10^U(-3, -1); MAT's temperature is a choice from a fresh RandomState(combo).
+PAPER_FAMILY_RANGES = {  # family: (exponents of 10 of lr, exponents of 2 of the batch size)
+    "image": ((-5, -3), (5, 7)),
+    "text": ((-6, -4), (4, 6)),
+    "mlp": ((-5, -3), (3, 6)),
+}
+PAPER_WEIGHT_DECAY = (-6, -3)  # exponents of 10
+PAPER_ETA = (-3, -1)  # exponents of 10
+PAPER_TEMPERATURES = (0.001, 0.01, 0.1)
+# Method settings the code draws for one method only (and here for the methods built on it: XRM
+# is GroupDRO on inferred groups). Another method's setting of the same name (LC's temperature)
+# is not the grid's and keeps its default.
+PAPER_METHOD_SETTINGS = {"eta": "groupdro", "temperature": "mat"}
+
+
 def paper_configuration(combo: int, family: str) -> dict[str, Any]:
     """Configuration `combo` of the MAT/XRM code's random grid (numpy RandomState(combo)):
     lr, batch size and weight decay by model family, then GroupDRO's eta; MAT's temperature
     comes from a fresh RandomState(combo)."""
     rs = np.random.RandomState(combo)
-    lr_range, batch_range = {
-        "image": ((-5, -3), (5, 7)),
-        "text": ((-6, -4), (4, 6)),
-        "mlp": ((-5, -3), (3, 6)),
-    }[family]
+    lr_range, batch_range = PAPER_FAMILY_RANGES[family]
     config: dict[str, Any] = {
         "lr": 10 ** rs.uniform(*lr_range),
         "batch_size": int(2 ** rs.uniform(*batch_range)),
-        "weight_decay": 10 ** rs.uniform(-6, -3),
+        "weight_decay": 10 ** rs.uniform(*PAPER_WEIGHT_DECAY),
     }
     if family == "text":
         rs.choice([0.0, 0.1, 0.5])  # the code draws a last-layer dropout it never applies
-    config["eta"] = 10 ** rs.uniform(-3, -1)
-    config["temperature"] = float(np.random.RandomState(combo).choice([0.001, 0.01, 0.1]))
+    config["eta"] = 10 ** rs.uniform(*PAPER_ETA)
+    config["temperature"] = float(np.random.RandomState(combo).choice(PAPER_TEMPERATURES))
     return config
+
+
+def paper_distributions(family: str) -> dict[str, BaseDistribution]:
+    """The ranges the grid draws each setting from, as Optuna distributions: every grid value
+    lies in its own (a method's search space need not hold them: the grid's batch sizes are any
+    integer of the family's range, a search space's a few categories)."""
+    (lr_low, lr_high), (batch_low, batch_high) = PAPER_FAMILY_RANGES[family]
+    return {
+        "lr": FloatDistribution(10.0**lr_low, 10.0**lr_high, log=True),
+        "batch_size": IntDistribution(2**batch_low, 2**batch_high, log=True),
+        "weight_decay": FloatDistribution(
+            10.0 ** PAPER_WEIGHT_DECAY[0], 10.0 ** PAPER_WEIGHT_DECAY[1], log=True
+        ),
+        "eta": FloatDistribution(10.0 ** PAPER_ETA[0], 10.0 ** PAPER_ETA[1], log=True),
+        "temperature": CategoricalDistribution(PAPER_TEMPERATURES),
+    }
+
+
+def paper_settings(
+    method_cls: type[Method], dataset: BenchmarkDataset, fixed: dict[str, Any]
+) -> list[str]:
+    """The settings the grid sets for `method_cls` on `dataset`: the grid's settings that the
+    method has, less the fixed ones and those drawn for another method. The method's other
+    settings keep their defaults."""
+    family = dataset.hparam_family
+    if family not in PAPER_FAMILY_RANGES:
+        raise UserError(
+            f"--grid paper has no ranges for {dataset.name}'s model family {family!r}; "
+            f"it knows {', '.join(PAPER_FAMILY_RANGES)}"
+        )
+    specs = method_cls.hparam_specs(dataset)
+    settings = []
+    for name in paper_distributions(family):
+        owner = PAPER_METHOD_SETTINGS.get(name)
+        if name not in specs or name in fixed:
+            continue
+        if owner is not None and not issubclass(method_cls, METHODS.get(owner)):
+            continue
+        settings.append(name)
+    return settings
+
+
+def paper_space(
+    method_cls: type[Method], dataset: BenchmarkDataset, fixed: dict[str, Any]
+) -> dict[str, BaseDistribution]:
+    """The distributions of the settings the grid sets (see `paper_settings`)."""
+    settings = paper_settings(method_cls, dataset, fixed)
+    if not settings:
+        raise UserError(
+            f"--grid paper has nothing left to set for method {method_cls.name!r} "
+            f"on {dataset.name} once {', '.join(fixed)} are fixed"
+        )
+    distributions = paper_distributions(dataset.hparam_family)
+    return {name: distributions[name] for name in settings}
 
 
 def paper_grid(
     method_cls: type[Method], dataset: BenchmarkDataset, fixed: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """The 10 configurations of the paper's grid, restricted to the method's settings."""
-    known = set(method_cls.hparam_specs(dataset)) - set(fixed)
-    return [
-        {k: v for k, v in paper_configuration(combo, dataset.hparam_family).items() if k in known}
-        for combo in range(PAPER_GRID_SIZE)
+    """The 10 configurations of the paper's grid, restricted to `paper_settings`."""
+    settings = paper_settings(method_cls, dataset, fixed)
+    configurations = [
+        paper_configuration(combo, dataset.hparam_family) for combo in range(PAPER_GRID_SIZE)
     ]
+    return [{k: v for k, v in config.items() if k in settings} for config in configurations]
 
 
 # --- trials -----------------------------------------------------------------------------------
@@ -258,19 +383,47 @@ def _slots_taken(study: optuna.Study, before: int | None = None) -> int:
     )
 
 
+def target_trials(spec: TuneSpec) -> int:
+    """How many finished trials the study ends with: the grid's size under `--grid paper`
+    (`base_plan` refuses any other `--trials`), else `--trials` (default DEFAULT_TRIALS)."""
+    if spec.grid == "paper":
+        return PAPER_GRID_SIZE
+    return DEFAULT_TRIALS if spec.trials is None else spec.trials
+
+
+def ask_trial(study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial:
+    """`study.ask(space)`, except that a value Optuna refuses (its ValueError: say an enqueued
+    value outside its distribution) fails the trial, queues its enqueued values again for a
+    later attempt, and raises a one-line `UserError`."""
+    trial = study.ask()
+    try:
+        for name, distribution in space.items():
+            trial._suggest(name, distribution)  # noqa: SLF001 - what study.ask(space) does
+    except ValueError as error:
+        enqueued = trial._fixed_params  # noqa: SLF001 - the values of an enqueued trial
+        study.tell(trial, state=TrialState.FAIL)
+        if enqueued:
+            study.enqueue_trial(enqueued, user_attrs={"retry_of": trial.number})
+        reason = " ".join(str(error).split())
+        raise UserError(
+            f"study {study.study_name}: Optuna refused trial {trial.number}'s settings: {reason}"
+        ) from None
+    return trial
+
+
 def worker_loop(spec: TuneSpec, worker: int = 0, log: Callable[[str], None] = print) -> None:
-    """Run trials until the study holds `spec.trials` finished or running trials."""
+    """Run trials until the study holds `target_trials(spec)` finished or running trials."""
     the_plan = base_plan(spec)
     study = open_study(spec, the_plan, worker)
-    space = search_space(the_plan, spec.hparams)
+    space = trial_space(spec, the_plan)
     parent = study.user_attrs["mlflow_parent_run_id"]
-    target = PAPER_GRID_SIZE if spec.grid == "paper" else spec.trials
+    target = target_trials(spec)
     while True:
         recover_dead_trials(study, spec.stale_after)
         waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
         if _slots_taken(study) >= target and not waiting:
             return
-        trial = study.ask(space)
+        trial = ask_trial(study, space)
         if _slots_taken(study, before=trial.number) >= target:
             # Another worker took the last slot at the same moment: give this one up.
             trial.set_user_attr("surplus", True)
@@ -332,12 +485,25 @@ def _short(params: dict[str, Any]) -> str:
 
 
 # --- workers ----------------------------------------------------------------------------------
-def _worker_main(spec_fields: dict[str, Any], worker: int) -> None:
-    """Entry point of a worker process (local or on a cluster)."""
+def _worker_main(spec_fields: dict[str, Any], worker: int) -> str | None:
+    """Entry point of a worker process (local or on a cluster): None, or the message of the
+    `UserError` that stopped it."""
     import torch
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, spec_fields["workers"])))
-    worker_loop(TuneSpec(**spec_fields), worker, log=lambda line: print(line, flush=True))
+    try:
+        worker_loop(TuneSpec(**spec_fields), worker, log=lambda line: print(line, flush=True))
+    except UserError as error:
+        return str(error)
+    return None
+
+
+def _worker_process(spec_fields: dict[str, Any], worker: int) -> None:
+    """A local worker process: its `UserError` is one line on stderr and exit status 1."""
+    message = _worker_main(spec_fields, worker)
+    if message is not None:
+        print(f"robustbench-mat: error: worker {worker}: {message}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def launch_workers(spec: TuneSpec, workdir: Path, log: Callable[[str], None] = print) -> None:
@@ -350,7 +516,7 @@ def launch_workers(spec: TuneSpec, workdir: Path, log: Callable[[str], None] = p
 
         context = multiprocessing.get_context("spawn")
         processes = [
-            context.Process(target=_worker_main, args=(fields, i)) for i in range(spec.workers)
+            context.Process(target=_worker_process, args=(fields, i)) for i in range(spec.workers)
         ]
         for process in processes:
             process.start()
@@ -373,15 +539,19 @@ def launch_workers(spec: TuneSpec, workdir: Path, log: Callable[[str], None] = p
         executor = submitit.LocalExecutor(folder=folder)
         executor.update_parameters(timeout_min=int(spec.slurm.get("time", 60)))
     jobs = [executor.submit(_worker_main, fields, i) for i in range(spec.workers)]
-    for job in jobs:
-        job.result()
+    messages = [message for message in (job.result() for job in jobs) if message is not None]
+    if messages:
+        raise UserError(
+            f"{len(messages)} tuning worker(s) failed, the first with: {messages[0]}; "
+            "run the same command again to retry their trials"
+        )
 
 
 # --- the command ------------------------------------------------------------------------------
 def tune(spec: TuneSpec, log: Callable[[str], None] = print) -> TuneResult:
     """Tune, then re-run the best configuration for `spec.seeds` seeds (0, 1, ...)."""
     the_plan = base_plan(spec)
-    search_space(the_plan, spec.hparams)
+    trial_space(spec, the_plan)
     study = open_study(spec, the_plan)
     tracker = Tracker(the_plan.workdir)
     parent = _parent_run(study, tracker, the_plan)
@@ -389,7 +559,7 @@ def tune(spec: TuneSpec, log: Callable[[str], None] = print) -> TuneResult:
         for config in paper_grid(the_plan.method_cls, the_plan.dataset, spec.hparams):
             study.enqueue_trial(config)
         study.set_user_attr("grid_enqueued", True)
-    target = PAPER_GRID_SIZE if spec.grid == "paper" else spec.trials
+    target = target_trials(spec)
     recovered = recover_dead_trials(study, spec.stale_after)
     if recovered:
         log(f"{recovered} interrupted trial(s) marked failed and queued again")
@@ -397,7 +567,8 @@ def tune(spec: TuneSpec, log: Callable[[str], None] = print) -> TuneResult:
         f"study {study.study_name} in {storage_url(spec, the_plan.workdir)}: "
         f"{len(study.get_trials(states=FINISHED))} of {target} trials finished"
     )
-    launch_workers(spec, the_plan.workdir, log)
+    with _failing_parent(tracker, parent):
+        launch_workers(spec, the_plan.workdir, log)
 
     finished = study.get_trials(states=FINISHED)
     if len(finished) < target or not study.get_trials(states=(TrialState.COMPLETE,)):
@@ -406,7 +577,8 @@ def tune(spec: TuneSpec, log: Callable[[str], None] = print) -> TuneResult:
             "(some are still running elsewhere or failed); run the same command again"
         )
     best = study.best_trial
-    finals = _final_runs(spec, study, best, parent, tracker, log)
+    with _failing_parent(tracker, parent):
+        finals = _final_runs(spec, study, best, parent, tracker, log)
     _close_parent(tracker, parent, study, best, finals, the_plan.criterion)
     return TuneResult(
         study.study_name,
@@ -437,7 +609,21 @@ def _parent_run(study: optuna.Study, tracker: Tracker, the_plan: RunPlan) -> str
             {"study": study.study_name, "direction": study.direction.name},
         )
         study.set_user_attr("mlflow_parent_run_id", parent)
+    elif tracker.client.get_run(parent).info.status == "FAILED":  # the study resumes
+        tracker.client.update_run(parent, status="RUNNING")
+        tracker.set_tags(parent, {TAGS.STATE: "running"})
     return parent
+
+
+@contextlib.contextmanager
+def _failing_parent(tracker: Tracker, parent: str) -> Iterator[None]:
+    """Mark the study's MLflow parent run FAILED when a `UserError` (a trial refused by Optuna,
+    a failed run or worker) leaves the block; the same command resumes the study."""
+    try:
+        yield
+    except UserError:
+        tracker.end_after_error(parent, "failed")
+        raise
 
 
 def _final_runs(

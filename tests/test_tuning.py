@@ -119,7 +119,7 @@ def test_paper_grid_reproduces_the_reference_configurations() -> None:
 
 def test_grid_paper_runs_exactly_the_ten_configurations(workdir: Path) -> None:
     tune(
-        _spec(workdir, grid="paper", seeds=1, steps=20, hparams={"batch_size": 0}),
+        _spec(workdir, grid="paper", trials=None, seeds=1, steps=20, hparams={"batch_size": 0}),
         log=lambda line: None,
     )
     study = _study(workdir)
