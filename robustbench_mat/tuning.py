@@ -416,7 +416,12 @@ def worker_loop(spec: TuneSpec, worker: int = 0, log: Callable[[str], None] = pr
     the_plan = base_plan(spec)
     study = open_study(spec, the_plan, worker)
     space = trial_space(spec, the_plan)
-    parent = study.user_attrs["mlflow_parent_run_id"]
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    if parent is None:  # the study's name hashes the code: it changed since `tune` started
+        raise UserError(
+            f"worker {worker} found no study {study.study_name} started by `tune`: the source "
+            "code changed while the command ran; run the same command again"
+        )
     target = target_trials(spec)
     while True:
         recover_dead_trials(study, spec.stale_after)
