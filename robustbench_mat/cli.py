@@ -3,22 +3,72 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from tabulate import tabulate
 
 from robustbench_mat.errors import UserError
-from robustbench_mat.hparams import parse_assignments
+from robustbench_mat.hparams import MAX_SEED, parse_assignments
 from robustbench_mat.regimes import REGIMES
 from robustbench_mat.registry import DATASETS, METHODS
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, like every other error of the command."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _integer(low: int, high: int | None = None, noun: str = "an integer") -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper limit when high is None)."""
+    allowed = f"{noun} >= {low}" if high is None else f"{noun} from {low} to {high}"
+
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return convert
+
+
+def _finite_float(positive: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float, > 0 if `positive`."""
+    allowed = "a finite number" + (" > 0" if positive else "")
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return convert
+
+
+# Seeds: numpy's seed range, which training.seed_everything and the datasets accept unchanged.
+SEED = _integer(0, MAX_SEED, "a seed")
+POSITIVE = _integer(1)
+NON_NEGATIVE = _integer(0)
+PORT = _integer(1, 65535, "a port")
 
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, help="method name (see `list`)")
     parser.add_argument("--dataset", required=True, help="dataset name (see `list`)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
+    parser.add_argument(
+        "--seed", type=SEED, default=0, help=f"training seed, 0 to {MAX_SEED} (default 0)"
+    )
     parser.add_argument(
         "--regime",
         choices=list(REGIMES),
@@ -26,11 +76,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "default full for methods that need training groups, else val-only",
     )
     parser.add_argument("--criterion", help="model selection criterion (default: the regime's)")
-    parser.add_argument("--steps", type=int, help="training steps (default: the dataset's)")
-    parser.add_argument("--eval-every", type=int, help="steps between evaluations")
-    parser.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    parser.add_argument("--steps", type=POSITIVE, help="training steps (default: the dataset's)")
+    parser.add_argument("--eval-every", type=POSITIVE, help="steps between evaluations")
+    parser.add_argument("--checkpoint-every", type=POSITIVE, help="steps between checkpoints")
     parser.add_argument(
-        "--stop-loss", type=float, help="stop early once the training loss falls below this"
+        "--stop-loss",
+        type=_finite_float(),
+        help="stop early once the training loss falls below this",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     parser.add_argument(
@@ -67,7 +119,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--infer-trials",
-        type=int,
+        type=POSITIVE,
         default=1,
         help="group-inference configurations to draw from its search space; the one with the "
         "best label-free score (XRM: final flip rate) is used (default 1: its defaults)",
@@ -79,7 +131,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=int,
+        type=NON_NEGATIVE,
         default=0,
         dest="num_workers",
         help="data-loading worker processes for on-disk datasets",
@@ -88,7 +140,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="robustbench-mat",
         description="Train and compare group-robustness methods under subpopulation shift.",
     )
@@ -101,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     experiment.add_argument("name", choices=("figure1", "figure3"))
     experiment.add_argument(
-        "--seeds", type=int, nargs="+", help="data and training seeds (figure1 default: 1234)"
+        "--seeds",
+        type=SEED,
+        nargs="+",
+        help=f"data and training seeds, 0 to {MAX_SEED} (figure1 default: 1234)",
     )
     experiment.add_argument("--workdir", help="as for `run`")
     experiment.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -117,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     board = commands.add_parser("leaderboard", help="the table of final runs, from MLflow")
     board.add_argument("--workdir", help="as for `run`")
     board.add_argument("--format", default="markdown", choices=("markdown", "html", "latex", "csv"))
-    board.add_argument("--out", help="also write the table to this file")
+    board.add_argument(
+        "--out", help="also write the table to this file (missing folders are created)"
+    )
     board.add_argument(
         "--published",
         action="store_true",
@@ -132,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     board.add_argument("--datasets", nargs="+", help="columns (default: every measured one)")
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 for the work directory")
     ui.add_argument("--workdir", help="as for `run`")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=PORT, default=5000, help="1 to 65535, free (default 5000)")
     return parser
 
 
@@ -148,13 +205,29 @@ def command_leaderboard(args: argparse.Namespace) -> int:
             "`sweep` first (plain `run`s and tuning trials are not on the leaderboard)"
         )
     text = board.render(args.format)
+    if args.out:
+        _write_out(Path(args.out), text + "\n")
     print(board.header() + "\n")
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
     path, run_id = record(board, workdir, board.render("markdown"))
     print(f"\nwritten to {path}; logged as MLflow run {run_id} (experiment 'leaderboard')")
     return 0
+
+
+def _write_out(path: Path, text: str) -> None:
+    """Write `--out`, creating its missing parent folders."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except (FileExistsError, NotADirectoryError):
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise UserError(
+            f"--out {path}: {blocking} is a file, not a folder; choose another path"
+        ) from None
+    except OSError as error:
+        raise UserError(
+            f"--out {path}: cannot write it ({error.strerror or error}); choose another path"
+        ) from None
 
 
 def command_ui(args: argparse.Namespace) -> int:
@@ -178,11 +251,15 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--datasets", nargs="+", required=True)
     sweep.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
     for sub in (tune, sweep):
-        sub.add_argument("--trials", type=int, default=20, help="finished trials (default 20)")
-        sub.add_argument("--seeds", type=int, default=3, help="seeds of the best settings")
+        sub.add_argument(
+            "--trials", type=POSITIVE, help="finished trials (default 20; --grid paper: its 10)"
+        )
+        sub.add_argument(
+            "--seeds", type=POSITIVE, default=3, help="how many seeds re-run the best settings"
+        )
         sub.add_argument("--criterion", help="selection criterion (default: the regime's)")
-        sub.add_argument("--steps", type=int, help="training steps per run")
-        sub.add_argument("--eval-every", type=int, help="steps between evaluations")
+        sub.add_argument("--steps", type=POSITIVE, help="training steps per run")
+        sub.add_argument("--eval-every", type=POSITIVE, help="steps between evaluations")
         sub.add_argument("--device", default="auto", help="auto, cpu or cuda")
         sub.add_argument("--data-dir", help="where datasets live")
         sub.add_argument("--workdir", help="as for `run`")
@@ -220,7 +297,7 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
             choices=("paper",),
             help="the 10 seeded configurations of the MAT/XRM code instead of TPE",
         )
-        sub.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+        sub.add_argument("--workers", type=POSITIVE, default=1, help="worker processes (default 1)")
         sub.add_argument(
             "--launcher",
             default="local",
@@ -240,10 +317,12 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
             action="store_false",
             help="never stop a trial early (default: median pruner)",
         )
-        sub.add_argument("--sampler-seed", type=int, default=0, help="TPE seed (default 0)")
+        sub.add_argument(
+            "--sampler-seed", type=SEED, default=0, help=f"TPE seed, 0 to {MAX_SEED} (default 0)"
+        )
         sub.add_argument(
             "--stale-after",
-            type=float,
+            type=_finite_float(positive=True),
             default=600.0,
             help="seconds without news after which a running trial counts as dead",
         )
@@ -295,8 +374,9 @@ def _tune_summary(results: list) -> str:
 
 
 def command_tune(args: argparse.Namespace) -> int:
-    from robustbench_mat.tuning import tune
+    from robustbench_mat.tuning import check_storage, tune
 
+    check_storage(args.storage)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     result = tune(_tune_spec(args, args.method, args.dataset, args.regime), log=log)
     print(_tune_summary([(result.study_name, result)]))
@@ -306,8 +386,9 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
-    from robustbench_mat.tuning import base_plan, tune
+    from robustbench_mat.tuning import base_plan, check_storage, tune
 
+    check_storage(args.storage)  # before the loop, which reports a combination's errors as skips
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     results, skipped = [], []
     for dataset in args.datasets:
@@ -450,11 +531,11 @@ COMMANDS.update(leaderboard=command_leaderboard, ui=command_ui)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
     try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
         return COMMANDS[args.command](args)
     except UserError as error:
         print(f"robustbench-mat: error: {error}", file=sys.stderr)

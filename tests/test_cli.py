@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -70,11 +71,20 @@ def test_list_shows_methods_and_datasets_with_their_source(capsys):
     assert synthetic_line.rstrip().endswith("built-in")
 
 
-def test_missing_required_option_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as caught:
-        main(["run", "--method", "erm"])
-    assert caught.value.code == 2
-    assert "--dataset" in capsys.readouterr().err
+def test_missing_required_option_is_a_one_line_error(capsys):
+    code = main(["run", "--method", "erm"])
+    assert_clean_error(
+        capsys.readouterr(),
+        code,
+        2,
+        "the following arguments are required: --dataset",
+        "(see `robustbench-mat run --help`)",
+    )
+
+
+def test_unknown_command_is_a_one_line_error(capsys):
+    code = main(["bogus"])
+    assert_clean_error(capsys.readouterr(), code, 2, "invalid choice: 'bogus'")
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -95,7 +105,7 @@ BAD_INPUTS = {
         2,
         ["reads validation group labels", "regime 'none' withholds"],
     ),
-    "zero-steps": (["--steps", "0"], 2, ["--steps must be a positive number of steps, got 0"]),
+    "zero-steps": (["--steps", "0"], 2, ["argument --steps: must be an integer >= 1, got '0'"]),
     "bad-device": (["--device", "gpu"], 2, ["--device must be auto, cpu or cuda"]),
 }
 
@@ -249,4 +259,196 @@ def test_unknown_validation_criterion_is_a_one_line_error(workdir, capsys):
 def test_zero_intervals_are_rejected(flag, workdir, capsys):
     args = run_command(workdir, "--steps", "20", "--quiet")
     code = main([*args, flag, "0"])
-    assert_clean_error(capsys.readouterr(), code, 2, f"{flag} must be a positive number")
+    assert_clean_error(capsys.readouterr(), code, 2, f"argument {flag}: must be an integer >= 1")
+
+
+# --- values out of range -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "described"),
+    [
+        ("lr=nan", "'lr' must be a finite float > 0, got 'nan'"),
+        ("lr=-0.1", "'lr' must be a finite float > 0, got '-0.1'"),
+        ("lr=inf", "'lr' must be a finite float > 0, got 'inf'"),
+        ("weight_decay=-1", "'weight_decay' must be a finite float >= 0, got '-1'"),
+        ("batch_size=-3", "'batch_size' must be an int >= 0, got '-3'"),
+        ("momentum=1.5", "'momentum' must be a finite float in [0, 1), got '1.5'"),
+    ],
+)
+def test_set_out_of_range_names_the_setting_and_the_allowed_range(
+    setting, described, workdir, capsys
+):
+    code = main(run_command(workdir, *SMALL, "--set", setting))
+    assert_clean_error(capsys.readouterr(), code, 2, f"method 'erm' setting {described}")
+    assert not (workdir / "runs").exists()
+
+
+def test_infer_set_out_of_range_is_refused_before_anything_runs(workdir, capsys):
+    code = main(
+        [
+            "run",
+            "--method",
+            "mat",
+            "--dataset",
+            "synthetic",
+            "--workdir",
+            str(workdir),
+            *SMALL,
+            "--infer-set",
+            "lr=nan",
+        ]
+    )
+    assert_clean_error(
+        capsys.readouterr(), code, 2, "method 'xrm-infer' setting 'lr' must be a finite float > 0"
+    )
+    assert not (workdir / "runs").exists()
+
+
+def test_data_out_of_range_names_the_parameter(workdir, capsys):
+    code = main(run_command(workdir, *SMALL, "--data", "majority=1.5"))
+    assert_clean_error(
+        capsys.readouterr(),
+        code,
+        2,
+        "dataset 'synthetic' setting 'majority' must be a finite float in [0, 1], got '1.5'",
+    )
+
+
+SEED_RANGE = "must be a seed from 0 to 4294967295"
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", "4294967296", "1.5", "x"])
+def test_run_seed_outside_the_seed_range_is_refused(seed, workdir, capsys):
+    code = main(run_command(workdir, *SMALL, "--seed", seed))
+    assert_clean_error(capsys.readouterr(), code, 2, f"argument --seed: {SEED_RANGE}, got {seed!r}")
+    assert not (workdir / "runs").exists()
+
+
+def test_largest_seed_is_accepted(workdir, capsys):
+    args = run_command(workdir, "--steps", "2", "--eval-every", "1", "--quiet", "--data", "n=20")
+    # Minibatches: the batch schedule seeds its generators from the seed too.
+    assert main([*args, "--set", "batch_size=5", "--seed", "4294967295"]) == 0
+    assert "seed" not in capsys.readouterr().err
+
+
+def tune_command(workdir: Path, *extra: str) -> list[str]:
+    return ["tune", "--method", "erm", "--dataset", "synthetic", "--workdir", str(workdir), *extra]
+
+
+SWEEP = ["sweep", "--methods", "erm", "--datasets", "synthetic"]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--sampler-seed", "-3"], f"argument --sampler-seed: {SEED_RANGE}, got '-3'"),
+        (["--sampler-seed", "1" * 20], f"argument --sampler-seed: {SEED_RANGE}"),
+        (["--trials", "0"], "argument --trials: must be an integer >= 1, got '0'"),
+        (["--seeds", "-2"], "argument --seeds: must be an integer >= 1, got '-2'"),
+        (["--workers", "0"], "argument --workers: must be an integer >= 1, got '0'"),
+        (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
+        (["--eval-every", "-5"], "argument --eval-every: must be an integer >= 1, got '-5'"),
+        (["--stale-after", "nan"], "argument --stale-after: must be a finite number > 0"),
+    ],
+)
+@pytest.mark.parametrize("command", ["tune", "sweep"])
+def test_tuning_numbers_out_of_range_are_one_line_errors(command, args, fragment, workdir, capsys):
+    base = tune_command(workdir) if command == "tune" else [*SWEEP, "--workdir", str(workdir)]
+    code = main([*base, *args])
+    assert_clean_error(capsys.readouterr(), code, 2, fragment, f"robustbench-mat {command} --help")
+    assert not (workdir / "optuna.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "fragment"),
+    [
+        ("--workers", "-1", "argument --workers: must be an integer >= 0, got '-1'"),
+        ("--infer-trials", "0", "argument --infer-trials: must be an integer >= 1, got '0'"),
+        ("--stop-loss", "nan", "argument --stop-loss: must be a finite number, got 'nan'"),
+    ],
+)
+def test_run_numbers_out_of_range_are_one_line_errors(flag, value, fragment, workdir, capsys):
+    code = main(run_command(workdir, *SMALL, flag, value))
+    assert_clean_error(capsys.readouterr(), code, 2, fragment)
+
+
+@pytest.mark.parametrize("seeds", [["-1"], ["1", "99999999999999999999"]])
+def test_experiment_seeds_outside_the_seed_range_are_refused(seeds, workdir, capsys):
+    code = main(["experiment", "figure1", "--workdir", str(workdir), "--seeds", *seeds])
+    assert_clean_error(capsys.readouterr(), code, 2, f"argument --seeds: {SEED_RANGE}")
+
+
+STORAGE_FORMS = "sqlite:///path/to/optuna.db or postgresql://user:password@host/database"
+
+
+@pytest.mark.parametrize(
+    ("storage", "fragment"),
+    [
+        ("notaurl", f"--storage 'notaurl' is not a database URL; expected {STORAGE_FORMS}"),
+        ("", "is not a database URL"),
+        ("postgresql://u:p@host:notaport/db", "is not a database URL"),
+        ("foo://host/db", "--storage foo://host/db: unknown database kind 'foo'; expected"),
+        pytest.param(
+            "mysql://u@host/db",
+            "--storage mysql://u@host/db: its database driver is not installed",
+            marks=pytest.mark.skipif(
+                importlib.util.find_spec("MySQLdb") is not None, reason="MySQLdb is installed"
+            ),
+        ),
+    ],
+)
+@pytest.mark.parametrize("command", ["tune", "sweep"])
+def test_bad_storage_url_is_one_line_before_anything_starts(
+    command, storage, fragment, workdir, capsys
+):
+    base = tune_command(workdir) if command == "tune" else [*SWEEP, "--workdir", str(workdir)]
+    code = main([*base, "--steps", "2", "--storage", storage])
+    assert_clean_error(capsys.readouterr(), code, 2, fragment)
+    assert not (workdir / "optuna.db").exists()
+    assert not (workdir / "runs").exists()
+
+
+def test_storage_password_is_not_printed(workdir, capsys):
+    code = main([*tune_command(workdir), "--storage", "foo://user:secret@host/db"])
+    err = assert_clean_error(capsys.readouterr(), code, 2, "foo://user:***@host/db")
+    assert "secret" not in err
+
+
+def test_sqlite_storage_in_a_missing_folder_is_named(workdir, tmp_path, capsys):
+    missing = tmp_path / "no" / "such"
+    code = main([*tune_command(workdir), "--storage", f"sqlite:///{missing}/optuna.db"])
+    assert_clean_error(capsys.readouterr(), code, 2, f"folder {missing} does not exist")
+    assert not missing.exists()
+
+
+# --- leaderboard --out ---------------------------------------------------------------------------
+
+PUBLISHED = ["--published", "--datasets", "waterbirds"]  # rows without any run in the store
+
+
+def test_leaderboard_out_creates_missing_folders(workdir, tmp_path, capsys):
+    out = tmp_path / "some" / "missing" / "dir" / "table.md"
+    assert main(["leaderboard", "--workdir", str(workdir), *PUBLISHED, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert out.read_text().startswith("| tr ")
+    assert out.read_text().strip() in printed
+
+
+@pytest.mark.parametrize(
+    ("target", "fragment"),
+    [
+        ("afile/table.md", "afile is a file, not a folder"),
+        ("afile/deeper/table.md", "afile is a file, not a folder"),
+        ("adir", "cannot write it (Is a directory)"),
+    ],
+)
+def test_leaderboard_out_that_cannot_be_written_is_one_line(
+    target, fragment, workdir, tmp_path, capsys
+):
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "adir").mkdir()
+    out = tmp_path / target
+    code = main(["leaderboard", "--workdir", str(workdir), *PUBLISHED, "--out", str(out)])
+    assert_clean_error(capsys.readouterr(), code, 2, f"--out {out}: ", fragment)
+    assert (tmp_path / "afile").read_text() == "keep"

@@ -114,6 +114,17 @@ def _stop_quietly(process: subprocess.Popen, *pids: int) -> None:
 # --- the port -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("port", ["70000", "0", "-1", "65536", "http"])
+def test_port_outside_1_to_65535_is_a_one_line_error(port, workdir, capsys):
+    code = main(["ui", "--workdir", str(workdir), "--port", port])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err == (
+        f"{PREFIX}argument --port: must be a port from 1 to 65535, got {port!r} "
+        "(see `robustbench-mat ui --help`)\n"
+    )
+
+
 def test_port_held_by_another_server_names_a_free_one_and_starts_nothing(
     workdir, capsys, monkeypatch
 ):
