@@ -57,6 +57,16 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return _headless_view(model, name.split(".")), model.get_submodule(name)
 
 
+def zero_head(model: nn.Module) -> None:
+    """Start `model`'s last linear layer (see `split_head`) at zero, as XRM's networks do: two
+    such networks then start from identical predictions."""
+    _, head = split_head(model)
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+
+
 def _headless_view(module: nn.Module, path: list[str]) -> nn.Module:
     """`module` with its submodule at `path` replaced by the identity: each module on the way is
     a shallow copy with its own table of submodules; parameters, buffers, hooks and every other

@@ -17,6 +17,7 @@ import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution
 from torch import nn
 
+from robustbench_mat.backbones import zero_head
 from robustbench_mat.data import BenchmarkDataset, GroupedSplit
 from robustbench_mat.hparams import HParam
 
@@ -41,6 +42,11 @@ TRAINING_HPARAMS: dict[str, HParam] = {
         False,
         "draw minibatches with replacement, every class equally often (the MAT paper's "
         "balanced batches; the default on CivilComments)",
+    ),
+    "zero_init_head": HParam(
+        False,
+        "start each network's last linear layer at zero (XRM's phase-1 networks, so that the "
+        "twins start identical)",
     ),
 }
 
@@ -82,6 +88,10 @@ class Method(nn.Module):
         self.dataset = dataset
         self.hp = hparams
         self.model = self.build_model()
+        if hparams.get("zero_init_head"):
+            networks = self.model if isinstance(self.model, nn.ModuleList) else [self.model]
+            for network in networks:
+                zero_head(network)
 
     # --- declarations ------------------------------------------------------------------------
     @classmethod

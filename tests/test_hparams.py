@@ -147,6 +147,7 @@ def test_method_specs_take_the_dataset_defaults_and_parse_to_their_type():
         "optimizer": "sgd",
         "momentum": 0.0,
         "class_balanced": False,
+        "zero_init_head": False,
     }
     assert resolve(specs, {"batch_size": "100", "lr": "3e-2"}, OWNER)["batch_size"] == 100
     assert set(ERM.search_space(dataset)) == {"lr", "weight_decay", "batch_size"}

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from robustbench_mat.backbones import split_head
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
 from robustbench_mat.method import Batch
 from robustbench_mat.methods.xrm import XRMGroupInference, cross_mistakes, flip_probability
-from robustbench_mat.registry import DATASETS
+from robustbench_mat.registry import DATASETS, METHODS
 from robustbench_mat.runner import RunSpec, run
 
 
@@ -133,3 +134,18 @@ def test_mat_reuses_the_cached_xrm_run_and_records_it(xrm_run) -> None:
         assert mat.criterion == "val_inferred_wga"
         assert "val_inferred_wga" in mat.selected
     assert len(list((workdir / "runs").glob("synthetic-xrm-infer-*"))) == 1
+
+
+def test_zero_init_head_starts_both_twins_at_zero_and_identical():
+    dataset = DATASETS.get("colored-digits")()
+    cls = METHODS.get("xrm-infer")
+    defaults = {name: spec.default for name, spec in cls.hparam_specs(dataset).items()}
+    assert defaults["zero_init_head"] is False
+    twins = cls(dataset, {**defaults, "zero_init_head": True}).model
+    x = dataset.split("train").inputs[:8]
+    for twin in twins:
+        _, head = split_head(twin)
+        assert not head.weight.any() and not head.bias.any()
+    torch.testing.assert_close(twins[0](x), twins[1](x), rtol=0, atol=0)
+    untouched = cls(dataset, defaults).model
+    assert split_head(untouched[0])[1].weight.any()
