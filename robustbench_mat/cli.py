@@ -63,6 +63,50 @@ NON_NEGATIVE = _integer(0)
 PORT = _integer(1, 65535, "a port")
 
 
+def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings of the group-inference run (XRM) that mat, xrm and the val_inferred_*
+    criteria use."""
+    parser.add_argument(
+        "--infer-set",
+        dest="inference_hparams",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="settings of the group-inference run, e.g. lr=0.01 zero_init_head=true",
+    )
+    parser.add_argument(
+        "--infer-steps",
+        dest="inference_steps",
+        type=POSITIVE,
+        help="training steps of the group-inference run (default: the dataset's)",
+    )
+    parser.add_argument(
+        "--infer-data",
+        dest="inference_data",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="dataset parameters of the group-inference run, e.g. features=resnet50",
+    )
+    parser.add_argument(
+        "--infer-seed",
+        dest="inference_seed",
+        type=SEED,
+        help="one group-inference run with this seed for every seed (the paper: 0); "
+        "default: each seed infers its own groups",
+    )
+
+
+def _inference_settings(args: argparse.Namespace) -> dict:
+    """The group-inference fields of a RunSpec or TuneSpec, from the parsed flags."""
+    return {
+        "inference_hparams": parse_assignments(args.inference_hparams, "--infer-set"),
+        "inference_steps": args.inference_steps,
+        "inference_data": parse_assignments(args.inference_data, "--infer-data"),
+        "inference_seed": args.inference_seed,
+    }
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, help="method name (see `list`)")
     parser.add_argument("--dataset", required=True, help="dataset name (see `list`)")
@@ -109,14 +153,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="dataset parameters, e.g. --data noise_std=0",
     )
-    parser.add_argument(
-        "--infer-set",
-        dest="inference_hparams",
-        action="extend",
-        nargs="+",
-        metavar="KEY=VALUE",
-        help="settings of the group-inference run (XRM) that mat and xrm use, e.g. lr=0.01",
-    )
+    _add_inference_arguments(parser)
     parser.add_argument(
         "--infer-trials",
         type=POSITIVE,
@@ -279,14 +316,7 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
             metavar="KEY=VALUE",
             help="dataset parameters",
         )
-        sub.add_argument(
-            "--infer-set",
-            dest="inference_hparams",
-            action="extend",
-            nargs="+",
-            metavar="KEY=VALUE",
-            help="settings of the XRM group-inference runs",
-        )
+        _add_inference_arguments(sub)
         sub.add_argument(
             "--storage",
             help="Optuna storage URL (default sqlite in the workdir; "
@@ -354,7 +384,7 @@ def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str 
         launcher=args.launcher,
         slurm=parse_assignments(args.slurm, "--slurm"),
         stale_after=args.stale_after,
-        inference_hparams=parse_assignments(args.inference_hparams, "--infer-set"),
+        **_inference_settings(args),
     )
 
 
@@ -472,13 +502,17 @@ def command_run(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         restart=args.restart,
         num_workers=args.num_workers,
-        inference_hparams=parse_assignments(args.inference_hparams, "--infer-set"),
+        **_inference_settings(args),
         stop_loss=args.stop_loss,
         inference_trials=args.infer_trials,
     )
     result = run(spec)
     if result.reused:
-        print("An identical run had already finished; its results (use --restart to train again):")
+        made = f" on {result.finished_at} with {result.code}" if result.code else ""
+        print(
+            f"An identical run had already finished{made}; its results "
+            "(use --restart to train again):"
+        )
     print(result_table(result.selected, result.final))
     print(
         f"selected step {result.selected_step} by {result.criterion} "

@@ -75,6 +75,9 @@ class TuneSpec:
     slurm: dict[str, str] = field(default_factory=dict)
     stale_after: float = 600.0
     inference_hparams: dict[str, Any] = field(default_factory=dict)
+    inference_steps: int | None = None
+    inference_data: dict[str, Any] = field(default_factory=dict)
+    inference_seed: int | None = None
     show_progress: bool = True
 
     def run_spec(self, hparams: dict[str, Any], seed: int, kind: str, tags: dict) -> RunSpec:
@@ -95,6 +98,9 @@ class TuneSpec:
             tags=tags,
             show_progress=False,
             inference_hparams=dict(self.inference_hparams),
+            inference_steps=self.inference_steps,
+            inference_data=dict(self.inference_data),
+            inference_seed=self.inference_seed,
         )
 
 
@@ -163,7 +169,7 @@ def study_name(spec: TuneSpec, the_plan: RunPlan) -> str:
         "eval_every": the_plan.eval_every,
         "grid": spec.grid,
         "seed": spec.trial_seed,
-        "inference": spec.inference_hparams,
+        "inference": the_plan.inference_settings(),
         "device": the_plan.device.type,
     }
     return f"{name}.{stable_hash(fixed, 8)}"

@@ -84,3 +84,27 @@ def test_infer_data_sets_the_inference_dataset_parameters(workdir):
 def test_inference_settings_are_refused_where_nothing_is_inferred(workdir, setting):
     with pytest.raises(UserError, match="infers none"):
         plan(spec(workdir, method="erm", **{"inference_steps": None, **setting}))
+
+
+def test_the_flags_reach_the_inference_run(workdir, capsys):
+    from robustbench_mat.cli import main
+
+    command = ["run", "--method", "mat", "--dataset", "synthetic", "--workdir", str(workdir)]
+    command += ["--steps", "20", "--seed", "3", "--data", "n=200", "dim=20"]
+    command += ["--infer-steps", "30", "--infer-seed", "0", "--infer-set", "zero_init_head=true"]
+    command += ["--infer-data", "noise_std=0.5"]
+    assert main(command) == 0
+    assert "running xrm-infer on synthetic for 30 steps (seed 0" in capsys.readouterr().out
+    (inference,) = inference_results(workdir)
+    assert inference["seed"] == 0 and inference["final"]["step"] == 30
+    assert inference["hparams"]["zero_init_head"] is True
+
+
+def test_the_flags_are_refused_in_one_line_where_nothing_is_inferred(workdir, capsys):
+    from robustbench_mat.cli import main
+
+    command = ["run", "--method", "erm", "--dataset", "synthetic", "--workdir", str(workdir)]
+    assert main(command + ["--infer-steps", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustbench-mat: error: ") and err.count("\n") == 1
+    assert "infers none" in err
