@@ -95,3 +95,45 @@ def test_stage2_trains_only_the_head_from_stage1_with_an_l2_pull(prepared) -> No
 def test_afr_runs_end_to_end(workdir) -> None:
     result = run_tiny(workdir, "afr")
     assert result.regime == "val-only"
+
+
+def _afr(**overrides) -> AFR:
+    dataset = DATASETS.get("synthetic")(n=200, dim=20)
+    hparams = {k: spec.default for k, spec in AFR.hparam_specs(dataset).items()}
+    hparams.update(overrides)
+    torch.manual_seed(0)
+    return AFR(dataset, hparams)
+
+
+def test_stage2_uses_its_own_learning_rate_and_plain_sgd() -> None:
+    method = _afr(lr=0.5)
+    assert method.hp["stage2_lr"] == 0.02 and method.hp["stage2_grad_clip"] == 0.0
+    optimizer = method.configure_optimizer()
+    (group,) = optimizer.param_groups
+    assert group["lr"] == 0.02  # not the run's (stage 1's) 0.5
+    assert group["momentum"] == 0.0 and group["weight_decay"] == 0.0
+    assert _afr(stage2_lr=0.3).configure_optimizer().param_groups[0]["lr"] == 0.3
+
+
+def test_stage1_keeps_the_runs_learning_rate(tmp_path) -> None:
+    method = _afr(lr=0.05, stage2_lr=0.7, first_stage_frac=0.1)
+    method.prepare(StageContext(tmp_path, steps=20))
+    assert method.stage1_hp["lr"] == 0.05 and method.hp["stage2_lr"] == 0.7
+
+
+def test_clipping_bounds_the_step_of_a_huge_gradient() -> None:
+    for clip in (0.0, 0.5):
+        method = _afr(stage2_lr=0.1, stage2_grad_clip=clip)
+        optimizer = method.configure_optimizer()
+        before = [p.detach().clone() for p in method.head.parameters()]
+        for p in method.head.parameters():
+            p.grad = torch.full_like(p, 1e6)
+        norm = torch.cat([p.grad.flatten() for p in method.head.parameters()]).norm()
+        optimizer.step()
+        after = method.head.parameters()
+        steps = [(p.detach() - b).flatten() for p, b in zip(after, before, strict=True)]
+        moved = torch.cat(steps).norm()
+        if clip:  # the step is lr x clip, whatever the gradient
+            assert moved.item() == pytest.approx(0.1 * 0.5, rel=1e-4)
+        else:
+            assert moved.item() == pytest.approx(0.1 * norm.item(), rel=1e-4)
