@@ -30,12 +30,13 @@ class GroupDRO(Method):
     the authors' code. `group_balanced` draws minibatches with replacement with weights
     1 / n_g, every group equally often in expectation (the authors' `--reweight_groups`).
 
-    Defaults follow the MAT and XRM code: C = 0 and uniform sampling. Sagawa et al. ran
-    GroupDRO with `--reweight_groups` on, C tuned over a small grid (C = 0 is the plain
-    method), strong l2 regularisation and early stopping. Differences from the authors' code:
-    one C for every group (theirs takes one value per group), no adjustment for a group with no
-    training example (theirs divides by zero), and the adjustment is applied whenever C > 0
-    (theirs only when every group's value is positive, which for a single C is the same).
+    Defaults follow the MAT and XRM code: C = 0 and uniform sampling. Sagawa et al.'s released
+    commands (kohpangwei/group_DRO README) use `--reweight_groups` with C = 0 and eta = 0.01;
+    their paper also tunes C on a small grid and relies on strong l2 or early stopping.
+    Differences from the authors' code: one C for every group (theirs takes one value per
+    group), no adjustment for a group with no training example (theirs divides by zero), and
+    the adjustment is applied whenever C > 0 (theirs only when every group's value is
+    positive, which for a single C is the same).
     """
 
     paper = "Sagawa et al. 2020, Distributionally Robust Neural Networks for Group Shifts (ICLR)"
