@@ -229,3 +229,16 @@ def test_dfr_is_refused_without_validation_groups(workdir) -> None:
     message = "needs validation group labels.*can run in: full, val-only"
     with pytest.raises(UserError, match=message):
         run_tiny(workdir, "dfr", regime="none")
+
+
+def test_more_than_two_classes_are_fitted_one_vs_rest() -> None:
+    generator = np.random.default_rng(0)
+    y = np.arange(90) % 3
+    x = generator.normal(size=(90, 5)) + np.eye(5)[y] * 2
+    coef, intercept = dfr_module.l1_logistic(x, y, 0.3, seed=0, n_classes=3)
+    assert coef.shape == (3, 5) and intercept.shape == (3,)
+    for k in range(3):
+        alone, alone_intercept = dfr_module.l1_logistic(x, (y == k).astype(int), 0.3, seed=0)
+        np.testing.assert_allclose(coef[k], alone[0])
+        np.testing.assert_allclose(intercept[k], alone_intercept[0])
+    assert (dfr_module.linear_predict(coef, intercept, x) == y).mean() > 0.8
