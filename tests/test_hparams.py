@@ -317,7 +317,7 @@ def test_shared_training_settings_declare_their_bounds(name, expected):
         ("jtt", "first_stage_frac", "a finite float > 0"),
         ("afr", "train_prop", "a finite float in (0, 1)"),
         ("afr", "gamma", "a finite float >= 0"),
-        ("dfr", "l1", "a finite float >= 0"),
+        ("dfr", "C", "a finite float >= 0"),
         ("lff", "q", "a finite float in (0, 1]"),
         ("lc", "ema", "a finite float in [0, 1)"),
         ("lc", "mixup_rampup", "a finite float in [0, 1]"),
