@@ -91,11 +91,11 @@ class AFR(Method):
 
     Defaults follow the authors' code (AndPotap/afr, README's Waterbirds command for
     `train_embeddings.py`): lr 0.02, momentum 0, no weight decay, no clipping (`--grad_norm=0`,
-    which their `take_step` treats as off), full batch. Differences: stage 2 runs the run's
-    steps (the shared loop's length), not a count of its own (theirs: 500 full-batch epochs on
-    Waterbirds, 100 on CelebA at lr 0.01); the embeddings come from one pass without
-    augmentation (theirs average `num_augs` = 10 augmented passes on Waterbirds); λ defaults to
-    0 (their code's default; their Waterbirds command uses 0.2).
+    which their `take_step` treats as off), full batch, `stage2_steps` 500 (their 500 epochs on
+    Waterbirds; 100 on CelebA at lr 0.01). Stage 1 takes `first_stage_frac` x the run's steps.
+    Differences: the embeddings come from one pass without augmentation (theirs average
+    `num_augs` = 10 augmented passes on Waterbirds); λ defaults to 0 (their code's default;
+    their Waterbirds command uses 0.2).
     """
 
     paper = (
@@ -119,7 +119,7 @@ class AFR(Method):
         ),
         "first_stage_frac": HParam(
             1.0,
-            "stage-1 ERM length as a fraction of the run's steps (stage 2 runs them all)",
+            "stage-1 ERM length as a fraction of the run's steps",
             gt=0,
         ),
         "rebalance": HParam(True, "multiply the weights by N / N_c of the example's class"),
@@ -128,12 +128,21 @@ class AFR(Method):
             "learning rate of the stage-2 last-layer SGD (the run's lr is stage 1's)",
             gt=0,
         ),
+        "stage2_steps": HParam(
+            500,
+            "full-batch steps of stage 2, the shared loop (the authors' 500 epochs on Waterbirds)",
+            ge=1,
+        ),
         "stage2_grad_clip": HParam(
             0.0,
             "clip the stage-2 gradient to this global l2 norm before each step; 0 turns it off",
             ge=0,
         ),
     }
+
+    @classmethod
+    def main_steps(cls, hparams: dict[str, Any], run_steps: int) -> int:
+        return int(hparams["stage2_steps"])
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__(dataset, hparams)
@@ -159,7 +168,7 @@ class AFR(Method):
     def prepare(self, context: RunContext) -> None:
         stage1 = ERMStage(self.dataset, self.stage1_hp, self.model, self.stage1_part.cpu())
         context.train_stage(
-            "stage1", stage1, stage_steps(self.hp["first_stage_frac"], context.settings.steps)
+            "stage1", stage1, stage_steps(self.hp["first_stage_frac"], context.plan.steps)
         )
         self.features.requires_grad_(False)
         self.eval()

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sklearn
 import torch
-import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from robustbench_mat.backbones import check_head_split, split_head
-from robustbench_mat.data import BenchmarkDataset, GroupedSplit
+from robustbench_mat.data import BenchmarkDataset
 from robustbench_mat.errors import UserError
 from robustbench_mat.evaluation import predict
 from robustbench_mat.hparams import HParam
-from robustbench_mat.method import Batch, Method
-from robustbench_mat.methods.afr import subset_split
+from robustbench_mat.method import Method
 from robustbench_mat.methods.balancing import balanced_subset
 from robustbench_mat.methods.jtt import ERMStage, stage_steps
 from robustbench_mat.registry import register_method
@@ -118,11 +115,9 @@ class DFR(Method):
     used. All randomness (halves, subsamples, liblinear's) comes from a seed drawn from the
     run-seeded global RNG, so a resumed or repeated run fits the same layer.
 
-    The run's main loop changes nothing: it steps an SGD optimiser at learning rate 0 on the
-    mean cross-entropy of the fitted layer on the first balanced subsample (logged as
-    train_loss); every evaluation equals the first, so the run's steps only set stage 1's
-    length. Validation metrics are on the whole validation split, which the layer was fitted
-    on.
+    The shared loop trains nothing after the fit (`main_steps` is 0): the fitted network is
+    evaluated once, at step 0, and the run's steps only set stage 1's length. Validation
+    metrics are on the whole validation split, which the layer was fitted on.
 
     Differences from the authors' code: liblinear runs at tolerance 1e-8 and up to 10,000
     iterations (theirs: the defaults 1e-4 and 100, which stop ~0.07 above the optimum of the
@@ -173,13 +168,12 @@ class DFR(Method):
         self.selected_c: float | None = None
         self.selection_scores: dict[float, float] = {}
         self.subsamples: list[torch.Tensor] = []
-        self.fit_split: GroupedSplit | None = None
 
     # --- the fit -------------------------------------------------------------------------------
     def prepare(self, context: RunContext) -> None:
         stage1 = ERMStage(self.dataset, self.stage1_hp, self.model)
         context.train_stage(
-            "stage1", stage1, stage_steps(self.hp["first_stage_frac"], context.settings.steps)
+            "stage1", stage1, stage_steps(self.hp["first_stage_frac"], context.plan.steps)
         )
         self.model.requires_grad_(False)
         self.eval()
@@ -229,10 +223,6 @@ class DFR(Method):
             intercepts.append(intercept)
         self._write_head(np.mean(coefs, axis=0), np.mean(intercepts, axis=0), scale)
 
-        first = subset_split(val, self.subsamples[0])
-        inputs = torch.from_numpy(x_val[self.subsamples[0].numpy()]).float()
-        self.fit_split = dataclasses.replace(first, name="val-fit", inputs=inputs)
-
     def _standardizer(self, x: np.ndarray) -> Standardizer:
         if self.hp["standardize"]:
             return Standardizer(x)
@@ -277,15 +267,9 @@ class DFR(Method):
         self.features.eval()  # its own copies of the modules on the way to the stage-1 head
         return self
 
-    def train_split(self) -> GroupedSplit:
-        if self.fit_split is None:
-            raise RuntimeError("DFR.prepare must run before training (it fits the last layer)")
-        return self.fit_split
+    @classmethod
+    def main_steps(cls, hparams: dict[str, Any], run_steps: int) -> int:
+        return 0  # `prepare` fits the last layer
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.head.parameters(), lr=0.0)
-
-    def loss(self, batch: Batch) -> torch.Tensor:
-        with torch.no_grad():
-            ce = F.cross_entropy(self.head(batch.x).float(), batch.y)
-        return ce.requires_grad_()
+        return torch.optim.SGD(self.head.parameters(), lr=0.0)  # the loop takes no step

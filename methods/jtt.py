@@ -94,7 +94,7 @@ class JTT(Method):
         self.error_set: torch.Tensor | None = None
 
     def prepare(self, context: RunContext) -> None:
-        steps = stage_steps(self.hp["first_stage_frac"], context.settings.steps)
+        steps = stage_steps(self.hp["first_stage_frac"], context.plan.steps)
         # `prepare` runs before the main loop touches `self.model`, so this copy holds the
         # initial weights that stage 2 starts from as well.
         stage1 = ERMStage(self.dataset, self.hp, copy.deepcopy(self.model))

@@ -107,6 +107,13 @@ class Method(nn.Module):
         return specs
 
     @classmethod
+    def main_steps(cls, hparams: dict[str, Any], run_steps: int) -> int:
+        """How many steps the shared loop trains this method, given the run's `--steps` (which
+        first stages may also use, see `RunContext.train_stage`): all of them for ERM; a
+        second stage of fixed length (AFR), or 0 when `prepare` fits the model (DFR)."""
+        return run_steps
+
+    @classmethod
     def search_space(cls, dataset: BenchmarkDataset) -> dict[str, BaseDistribution]:
         """The Optuna distributions this method is tuned over on `dataset`."""
         return {

@@ -95,7 +95,8 @@ class RunPlan:
     regime: Regime
     criterion: str
     hparams: dict[str, Any]
-    steps: int
+    steps: int  # the run's budget (--steps); first stages may take a fraction of it
+    main_steps: int  # the shared loop's length: `steps` unless the method says otherwise
     eval_every: int
     checkpoint_every: int
     device: torch.device
@@ -156,6 +157,7 @@ class RunPlan:
             "seed": self.spec.seed,
             "criterion": self.criterion,
             "steps": self.steps,
+            "main_steps": self.main_steps,
             "eval_every": self.eval_every,
             "device": self.device.type,
             "package_version": package_version(),
@@ -272,13 +274,15 @@ def plan(spec: RunSpec) -> RunPlan:
     check_criterion_allowed(criterion, regime)
     hparams = resolve(method_cls.hparam_specs(dataset), spec.hparams, f"method {method_cls.name!r}")
     steps = spec.steps if spec.steps is not None else dataset.default_steps
+    if steps < 1:
+        raise UserError(f"--steps must be a positive number of steps, got {steps}")
+    main_steps = method_cls.main_steps(hparams, steps)
     eval_every = spec.eval_every if spec.eval_every is not None else dataset.default_eval_every
-    eval_every = min(eval_every, steps)
+    eval_every = min(eval_every, max(main_steps, 1))
     checkpoint_every = spec.checkpoint_every
     if checkpoint_every is None:
         checkpoint_every = dataset.default_checkpoint_every or eval_every
     for flag, value in (
-        ("--steps", steps),
         ("--eval-every", eval_every),
         ("--checkpoint-every", checkpoint_every),
     ):
@@ -292,6 +296,7 @@ def plan(spec: RunSpec) -> RunPlan:
         criterion,
         hparams,
         steps,
+        main_steps,
         eval_every,
         checkpoint_every,
         resolve_device(spec.device),
@@ -490,7 +495,7 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
             },
         )
     settings = LoopSettings(
-        steps=the_plan.steps,
+        steps=the_plan.main_steps,
         eval_every=the_plan.eval_every,
         checkpoint_every=the_plan.checkpoint_every,
         seed=spec.seed,
@@ -516,12 +521,12 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
     context = RunContext(the_plan, tracker, run_id, settings, inferred)
     method.prepare(context)
     run_dir = the_plan.run_dir
-    evaluations = math.ceil(the_plan.steps / the_plan.eval_every)
+    evaluations = max(1, math.ceil(the_plan.main_steps / the_plan.eval_every))
     stride = tracker.history_stride(evaluations)
 
     def log_history(record: dict[str, Any]) -> None:
         index = math.ceil(record["step"] / the_plan.eval_every)
-        if index % stride == 0 or record["step"] == the_plan.steps:
+        if index % stride == 0 or record["step"] == the_plan.main_steps:
             tracker.buffer_history(run_id, record)
         if spec.on_evaluation is not None:
             spec.on_evaluation(record)
@@ -539,7 +544,7 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
 
     selected, final = outcome.selected, outcome.history[-1]
     tracker.log_metrics(
-        run_id, {**selected, "selected_step": selected["step"]}, step=the_plan.steps
+        run_id, {**selected, "selected_step": selected["step"]}, step=the_plan.main_steps
     )
     torch.save(outcome.selected_state, run_dir / "selected_model.pt")
     torch.save(method.state_dict(), run_dir / "final_model.pt")

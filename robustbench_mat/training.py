@@ -331,6 +331,26 @@ def train(
                 }
             )
 
+    def record_evaluation(step: int, mean_loss: float | None) -> None:
+        nonlocal best, best_state
+        record = evaluate(step, mean_loss)
+        history.append(record)
+        if settings.criterion not in record:
+            measured = ", ".join(k for k in record if k.startswith("val_"))
+            raise UserError(
+                f"selection criterion {settings.criterion!r} is not measured on "
+                f"{dataset.name}; measured: {measured}"
+            )
+        previous = None if best is None else best[settings.criterion]
+        if is_better(record[settings.criterion], previous, maximize):
+            best, best_state = record, _cpu_copy(method.state_dict())
+        if on_eval is not None:
+            on_eval(record)
+        shown = dict.fromkeys(("val_wga", settings.criterion))
+        postfix = {"loss": f"{record['train_loss']:.4g}"} if mean_loss is not None else {}
+        postfix.update({k: f"{record[k]:.3f}" for k in shown if k in record})
+        bar.set_postfix(postfix, refresh=False)
+
     checkpoint_every = settings.checkpoint_every or settings.eval_every
     show_groups = settings.train_groups_visible
     bar = tqdm(
@@ -343,6 +363,9 @@ def train(
     )
     method.train()
     try:
+        if settings.steps == 0 and best is None:  # a main loop that trains nothing (DFR)
+            record_evaluation(0, None)
+            checkpoint(0)
         batches = stream.batches(start, start if stopped else settings.steps)
         for step, (idx, x, y, a) in enumerate(batches, start=start + 1):
             batch = Batch(idx, x, y, a if show_groups else None, dataset.n_attributes)
@@ -364,27 +387,8 @@ def train(
             last = stopped or step == settings.steps
 
             if step % settings.eval_every == 0 or last:
-                record = evaluate(step, loss_sum / loss_count)
+                record_evaluation(step, loss_sum / loss_count)
                 loss_sum, loss_count = 0.0, 0
-                history.append(record)
-                if settings.criterion not in record:
-                    measured = ", ".join(k for k in record if k.startswith("val_"))
-                    raise UserError(
-                        f"selection criterion {settings.criterion!r} is not measured on "
-                        f"{dataset.name}; measured: {measured}"
-                    )
-                if is_better(
-                    record[settings.criterion],
-                    None if best is None else best[settings.criterion],
-                    maximize,
-                ):
-                    best, best_state = record, _cpu_copy(method.state_dict())
-                if on_eval is not None:
-                    on_eval(record)
-                shown = dict.fromkeys(("val_wga", settings.criterion))
-                postfix = {"loss": f"{record['train_loss']:.4g}"}
-                postfix.update({k: f"{record[k]:.3f}" for k in shown if k in record})
-                bar.set_postfix(postfix, refresh=False)
             if step % checkpoint_every == 0 or last:
                 checkpoint(step)
             if stopped:

@@ -44,7 +44,7 @@ class StageContext:
 
         self.run_dir, self.run_id = Path(run_dir), "test"
         self.settings = SimpleNamespace(steps=steps)
-        self.plan = SimpleNamespace(device=torch.device("cpu"))
+        self.plan = SimpleNamespace(device=torch.device("cpu"), steps=steps)
         self.tracker = SimpleNamespace(
             log_artifact=lambda *a, **k: None, log_metrics=lambda *a, **k: None
         )

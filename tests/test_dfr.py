@@ -19,6 +19,7 @@ from robustbench_mat.methods.dfr import (
     l1_logistic_objective,
     worst_group_accuracy,
 )
+from robustbench_mat.methods.jtt import ERMStage
 from robustbench_mat.registry import DATASETS
 from robustbench_mat.runner import RunSpec, run
 from robustbench_mat.training import CheckpointStore
@@ -156,21 +157,29 @@ def test_the_network_predicts_with_the_folded_back_layer(recorded) -> None:
     assert method.head is method.model and method.model.bias is not None  # synthetic's, biased
 
 
-def test_the_main_loop_leaves_the_fitted_layer_unchanged(recorded) -> None:
-    _, method, _ = recorded
-    before = {k: v.clone() for k, v in method.head.state_dict().items()}
-    optimizer = method.configure_optimizer()
-    fit = method.train_split()
-    from robustbench_mat.method import Batch
+def test_the_main_loop_trains_nothing_and_evaluates_the_fit_once(tmp_path) -> None:
+    from robustbench_mat.runner import RunSpec, plan, run
 
-    loss = method.loss(Batch(torch.arange(len(fit)), fit.inputs, fit.y, None, 2))
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    expected = torch.nn.functional.cross_entropy(method.head(fit.inputs), fit.y)
-    torch.testing.assert_close(loss.detach(), expected)
-    for key, value in method.head.state_dict().items():
-        assert torch.equal(value, before[key])
+    spec = RunSpec(
+        method="dfr",
+        dataset="synthetic",
+        steps=40,
+        eval_every=10,
+        data_params={"n": 200, "dim": 20},
+        workdir=tmp_path / "work",
+        show_progress=False,
+    )
+    assert (plan(spec).steps, plan(spec).main_steps) == (40, 0)
+    result = run(spec)
+    assert [record["step"] for record in result_history(tmp_path / "work")] == [0]
+    assert result.selected_step == 0 and result.final == result.selected
+
+
+def result_history(workdir):
+    import pandas as pd
+
+    (history,) = (workdir / "runs").glob("synthetic-dfr-*/history.csv")
+    return pd.read_csv(history).to_dict("records")
 
 
 def test_the_same_seed_fits_the_same_layer(tmp_path) -> None:
@@ -207,11 +216,11 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(make_workdir, monkey
             raise KeyboardInterrupt
 
     workdir = make_workdir("resumed")
-    with monkeypatch.context() as patch:
-        patch.setattr(DFR, "after_step", interrupted)
+    with monkeypatch.context() as patch:  # DFR trains only in stage 1 (its main loop: 0 steps)
+        patch.setattr(ERMStage, "after_step", interrupted)
         with pytest.raises(KeyboardInterrupt):
             run(spec(workdir))
-    assert CheckpointStore(only_run_dir(workdir) / "checkpoint.pt").load()["step"] == 2
+    assert CheckpointStore(only_run_dir(workdir) / "stage1.pt").load()["step"] == 2
     resumed = run(spec(workdir))
     assert resumed.final == reference.final and resumed.selected == reference.selected
     assert run(spec(make_workdir("again"))).final == reference.final
