@@ -18,13 +18,17 @@ DIFFICULTY_EPSILON = 1e-8
 
 
 def generalized_cross_entropy(logits: torch.Tensor, y: torch.Tensor, q: float) -> torch.Tensor:
-    """Per-example GCE (1 - p_y^q) / q (Zhang & Sabuncu 2018), in float32.
+    """Per-example generalised cross-entropy (Zhang & Sabuncu 2018) in the authors' form, float32.
 
-    Its gradient is p_y^q times that of the cross-entropy, so examples the model already finds
-    easy dominate: trained with it, a network latches on to the easiest (spurious) feature.
+    The value is CE * q * p_y^q with the factor q * p_y^q detached (Nam et al.'s
+    `GeneralizedCELoss` in alinlab/LfF module/loss.py, also LC's and SubpopBench's "GCE2"), so the
+    gradient is q * p_y^q times that of the cross-entropy, i.e. the gradient of 1 - p_y^q: q times
+    the gradient of the textbook (1 - p_y^q) / q. Examples the model already finds easy dominate
+    it: trained with it, a network latches on to the easiest (spurious) feature. The value is a
+    surrogate for the gradient only (it is not (1 - p_y^q) / q); LfF's weights use CE, never it.
     """
-    log_p = F.log_softmax(logits.float(), dim=1).gather(1, y[:, None])[:, 0]
-    return (1.0 - torch.exp(q * log_p)) / q
+    ce = F.cross_entropy(logits.float(), y, reduction="none")
+    return ce * q * torch.exp(-q * ce.detach())
 
 
 def relative_difficulty(loss_biased: torch.Tensor, loss_debiased: torch.Tensor) -> torch.Tensor:

@@ -20,17 +20,23 @@ def _lff(**overrides):
     return dataset, LfF(dataset, hparams)
 
 
-def test_gce_value_and_gradient() -> None:
-    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]], requires_grad=True)
-    y = torch.tensor([0, 0])
-    p = F.softmax(logits, 1)[:, 0].detach()
-    gce = generalized_cross_entropy(logits, y, q=0.7)
-    torch.testing.assert_close(gce, (1 - p**0.7) / 0.7)
-    # d GCE = p_y^q d CE: easy examples dominate the biased network's gradient
-    (grad_gce,) = torch.autograd.grad(gce[1], logits)
-    ce = F.cross_entropy(logits, y, reduction="none")
-    (grad_ce,) = torch.autograd.grad(ce[1], logits)
-    torch.testing.assert_close(grad_gce, p[1] ** 0.7 * grad_ce)
+def test_gce_is_the_authors_form_ce_times_detached_q_p_y_to_the_q() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.0, 0.0]], requires_grad=True)
+    y = torch.tensor([0, 2])
+    q = 0.7
+    p = F.softmax(logits, 1).detach()
+    p_y = p[torch.arange(2), y]
+    gce = generalized_cross_entropy(logits, y, q)
+    # value: CE * q * p_y^q (a surrogate; not the textbook (1 - p_y^q) / q)
+    torch.testing.assert_close(gce, -torch.log(p_y) * q * p_y**q)
+    # gradient of the batch mean, by hand: d CE / d logits = p - onehot(y), times q p_y^q / 2
+    (grad,) = torch.autograd.grad(gce.mean(), logits)
+    by_hand = (p - F.one_hot(y, 3)) * (q * p_y**q)[:, None] / 2
+    torch.testing.assert_close(grad, by_hand)
+    # which is the gradient of 1 - p_y^q: q times that of the textbook (1 - p_y^q) / q
+    textbook = (1 - F.softmax(logits, 1)[torch.arange(2), y] ** q) / q
+    (grad_textbook,) = torch.autograd.grad(textbook.mean(), logits)
+    torch.testing.assert_close(grad, q * grad_textbook)
 
 
 @pytest.mark.parametrize("weights", ["ema", "instant"])
