@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from robustbench_mat.training import LoopResult
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "linear", "xrm-bert")
+# Parameters that AdamW's usual recipe (BERT's) leaves undecayed.
+NO_DECAY = ("bias", "LayerNorm.weight")
 
 TRAINING_HPARAMS: dict[str, HParam] = {
     "lr": HParam(1e-3, "learning rate", gt=0),
@@ -42,6 +45,16 @@ TRAINING_HPARAMS: dict[str, HParam] = {
         False,
         "draw minibatches with replacement, every class equally often (the MAT paper's "
         "balanced batches; the default on CivilComments)",
+    ),
+    "lr_schedule": HParam(
+        "constant",
+        "learning rate over the main loop: constant; linear (decays to 0 at the last step); "
+        "xrm-bert (the XRM/MAT code's BERT schedule: 1 -> 0 over the first third, then 1 -> 1/3)",
+        choices=LR_SCHEDULES,
+    ),
+    "no_decay_groups": HParam(
+        False,
+        "exempt biases and LayerNorm weights from weight decay (BERT fine-tuning's usual groups)",
     ),
     "zero_init_head": HParam(
         False,
@@ -168,10 +181,55 @@ class Method(nn.Module):
 
     def configure_optimizer(self) -> torch.optim.Optimizer:
         hp = self.hp
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = self._parameter_groups()
         if hp["optimizer"] == "sgd":
             return torch.optim.SGD(
                 params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
             )
         optimizer = torch.optim.Adam if hp["optimizer"] == "adam" else torch.optim.AdamW
         return optimizer(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+
+    def configure_scheduler(
+        self, optimizer: torch.optim.Optimizer, steps: int
+    ) -> torch.optim.lr_scheduler.LRScheduler | None:
+        """The learning-rate schedule over the main loop's `steps` (`lr_schedule`), stepped
+        after every optimiser step; None keeps the rate constant."""
+        return learning_rate_schedule(self.hp.get("lr_schedule", "constant"), optimizer, steps)
+
+    def _parameter_groups(self) -> list[torch.nn.Parameter] | list[dict[str, Any]]:
+        named = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        if not self.hp.get("no_decay_groups"):
+            return [p for _, p in named]
+        exempt = [p for n, p in named if any(part in n for part in NO_DECAY)]
+        decayed = [p for n, p in named if not any(part in n for part in NO_DECAY)]
+        return [{"params": decayed}, {"params": exempt, "weight_decay": 0.0}]
+
+
+def learning_rate_schedule(
+    name: str, optimizer: torch.optim.Optimizer, steps: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """`constant` (None), `linear` (1 at the first step to 0 after the last: transformers'
+    linear schedule without warm-up), or `xrm-bert`, the multiplier of the XRM and MAT code's
+    BERT optimiser: with w = steps // 3 + 1, 1 - t / w for t < w, then 1 - (t - w) / steps (it
+    falls to ~0 at a third of the run, jumps back to 1 and ends near 1/3)."""
+    if name == "constant":
+        return None
+    if name == "linear":
+        from transformers import get_linear_schedule_with_warmup
+
+        return get_linear_schedule_with_warmup(optimizer, 0, max(steps, 1))
+    if name == "xrm-bert":
+        warmup = steps // 3 + 1
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, _XRMBertMultiplier(warmup, steps))
+    raise ValueError(f"unknown lr_schedule {name!r}; known: {', '.join(LR_SCHEDULES)}")
+
+
+@dataclass(frozen=True)
+class _XRMBertMultiplier:
+    warmup: int
+    steps: int
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return 1.0 - step / self.warmup
+        return 1.0 - (step - self.warmup) / self.steps

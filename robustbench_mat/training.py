@@ -259,6 +259,7 @@ def train(
     torch.set_num_threads(torch.get_num_threads())
     method.to(device)
     optimizer = method.configure_optimizer()
+    scheduler = method.configure_scheduler(optimizer, settings.steps)
     train_split = method.train_split()
     eval_splits = [method.eval_split(dataset.split(s)) for s in ("val", "test")]
     if settings.evaluate_train:
@@ -282,6 +283,8 @@ def train(
     if state is not None:
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, history = state["step"], state["history"]
         best, best_state = state["best"], state["best_state"]
@@ -321,6 +324,7 @@ def train(
                     "step": step,
                     "method": method.state_dict(),
                     "optimizer": optimizer.state_dict(),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
                     "rng": _rng_state(),
                     "history": history,
                     "best": best,
@@ -380,6 +384,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             method.after_step(batch, step)
             loss_sum, loss_count = loss_sum + value, loss_count + 1
             bar.update(1)

@@ -147,6 +147,8 @@ def test_method_specs_take_the_dataset_defaults_and_parse_to_their_type():
         "optimizer": "sgd",
         "momentum": 0.0,
         "class_balanced": False,
+        "lr_schedule": "constant",
+        "no_decay_groups": False,
         "zero_init_head": False,
     }
     assert resolve(specs, {"batch_size": "100", "lr": "3e-2"}, OWNER)["batch_size"] == 100

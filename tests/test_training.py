@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from torch import nn
 
 from robustbench_mat.errors import RunFailed, UserError
+from robustbench_mat.method import Method
 from robustbench_mat.methods.erm import ERM
 from robustbench_mat.registry import register_method
 from robustbench_mat.runner import RunSpec, plan, run
@@ -293,3 +294,70 @@ def test_best_state_copy_keeps_shared_tensors_shared():
     assert copied["model.0.weight"] is copied["view.0.weight"]
     assert copied["model.0.weight"].data_ptr() != shared.weight.data_ptr()  # a copy
     assert torch.equal(copied["model.0.weight"], shared.weight)
+
+
+# --- learning-rate schedules and decay groups ---------------------------------------------------
+
+
+def lr_trace(monkeypatch, workdir, **overrides) -> list[float]:
+    """The learning rate the optimiser held at each step of a run (recorded after the step)."""
+    rates: list[float] = []
+
+    def configure_scheduler(self, optimizer, steps):
+        scheduler = Method.configure_scheduler(self, optimizer, steps)
+        self._optimizer_seen = optimizer
+        return scheduler
+
+    def after_step(self, batch, step):
+        rates.append(self._optimizer_seen.param_groups[0]["lr"])
+
+    monkeypatch.setattr(ERM, "configure_scheduler", configure_scheduler)
+    monkeypatch.setattr(ERM, "after_step", after_step)
+    run(spec(workdir, **overrides))
+    return rates
+
+
+def test_the_xrm_bert_schedule_has_the_authors_shape(workdir, monkeypatch):
+    # steps 9: w = 9 // 3 + 1 = 4; the multiplier after step t (t = 1..9) is 1 - t/4 for t < 4,
+    # then 1 - (t - 4)/9.
+    rates = lr_trace(
+        monkeypatch, workdir, steps=9, eval_every=9, hparams={"lr": 0.1, "lr_schedule": "xrm-bert"}
+    )
+    expected = [0.1 * m for m in (0.75, 0.5, 0.25, 1.0, 8 / 9, 7 / 9, 6 / 9, 5 / 9, 4 / 9)]
+    assert rates == pytest.approx(expected)
+
+
+def test_the_linear_schedule_decays_to_zero(workdir, monkeypatch):
+    rates = lr_trace(
+        monkeypatch, workdir, steps=4, eval_every=4, hparams={"lr": 0.1, "lr_schedule": "linear"}
+    )
+    assert rates == pytest.approx([0.075, 0.05, 0.025, 0.0])
+
+
+def test_a_scheduled_run_resumes_exactly(workdir, make_workdir, monkeypatch):
+    settings = {"hparams": {"lr_schedule": "xrm-bert", "batch_size": 100}}
+    reference = run(spec(make_workdir("reference"), **settings))
+    with monkeypatch.context() as patch:
+        interrupt_at(patch, 65)
+        with pytest.raises(KeyboardInterrupt):
+            run(spec(workdir, **settings))
+    resumed = run(spec(workdir, **settings))
+    assert resumed.final == reference.final and resumed.selected == reference.selected
+
+
+def test_no_decay_groups_exempt_biases_and_layer_norms():
+    from robustbench_mat.registry import DATASETS
+
+    dataset = DATASETS.get("colored-digits")()
+    hparams = {n: s.default for n, s in ERM.hparam_specs(dataset).items()}
+    hparams.update(optimizer="adamw", weight_decay=0.1, no_decay_groups=True)
+    method = ERM(dataset, hparams)
+    method.model.add_module("LayerNorm", nn.LayerNorm(3))  # named as in BERT
+    decayed, exempt = method.configure_optimizer().param_groups
+    names = {id(p): n for n, p in method.named_parameters()}
+    assert decayed["weight_decay"] == 0.1 and exempt["weight_decay"] == 0.0
+    assert all(names[id(p)].endswith(("bias", "LayerNorm.weight")) for p in exempt["params"])
+    assert not any(names[id(p)].endswith("bias") for p in decayed["params"])
+    assert len(decayed["params"]) + len(exempt["params"]) == len(names)
+    plain = ERM(dataset, {**hparams, "no_decay_groups": False}).configure_optimizer()
+    assert len(plain.param_groups) == 1
