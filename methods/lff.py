@@ -47,6 +47,22 @@ class LfF(Method):
     per-example exponential moving averages (α = `ema`) of the two losses, each divided by its
     maximum over the examples of the same class; with `weights=instant` (SubpopBench's variant)
     they are the current minibatch losses. Evaluation uses the debiased network.
+
+    This follows the authors' train.py step for step: CE (not GCE) feeds the EMAs and W, the
+    biased network alone takes the GCE (their form, see `generalized_cross_entropy`), the
+    debiased one alone the W-weighted CE, each loss a batch mean, both summed and stepped
+    together with the same optimiser settings. The one difference: one optimiser over both
+    networks instead of two identical ones, which is the same update for SGD and Adam.
+
+    Known behaviour, not a defect of this code: on a task with two classes and a binary
+    attribute (`synthetic`, `colored-digits`), the bias-conflicting examples are exactly those
+    whose attribute points to the other class. Once the biased network is confident on the
+    majority (CE_B near 0), their W is near 0, and it falls further as CE_D on them grows
+    (W is about CE_B / CE_D), so nothing pulls back: trained on long enough, the debiased network
+    learns the reversed attribute, right on the minority groups and wrong on the majority ones
+    (test average near 0.5). The authors' 10-class benchmarks have no single reversed colour.
+    Selection by validation worst-group accuracy (the default in the val-only regime) picks an
+    earlier, good step; the final step is the reversed one.
     """
 
     paper = (
