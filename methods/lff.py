@@ -61,8 +61,9 @@ class LfF(Method):
     (W is about CE_B / CE_D), so nothing pulls back: trained on long enough, the debiased network
     learns the reversed attribute, right on the minority groups and wrong on the majority ones
     (test average near 0.5). The authors' 10-class benchmarks have no single reversed colour.
-    Selection by validation worst-group accuracy (the default in the val-only regime) picks an
-    earlier, good step; the final step is the reversed one.
+    On `synthetic` selection by validation worst-group accuracy (the val-only default) picks an
+    earlier, good step; on `colored-digits` the network goes from the colour to the reversed
+    colour between two evaluations (steps 100 and 150 at the defaults), so no step is good.
     """
 
     paper = (
