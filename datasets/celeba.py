@@ -10,6 +10,7 @@ from robustbench_mat.download import google_drive_url
 from robustbench_mat.errors import UserError
 from robustbench_mat.images import ImageBenchmark, image_params
 from robustbench_mat.metadata import UpstreamFile, write_table
+from robustbench_mat.protocols import XRM_CODE_OPTIMIZERS, PaperSetup
 from robustbench_mat.registry import register_dataset
 
 PARTITION = "list_eval_partition.txt"
@@ -89,6 +90,10 @@ class CelebA(ImageBenchmark):
     transform_kind = "celeba"
     default_steps = 10_000
     default_eval_every = 1000
+    # XRM runs on frozen ResNet-50 features; the other methods fine-tune the whole network.
+    paper_setup = PaperSetup(
+        10_001, 50, XRM_CODE_OPTIMIZERS["image"], inference_data={"features": "resnet50"}
+    )
     params = image_params("celeba")
     # Digests of the published files: torchvision's CelebA list gives the md5 of the authors'
     # Google Drive files; PyTorch's tutorials pin the sha256 of the S3 copy of the image zip.

@@ -16,6 +16,7 @@ from robustbench_mat.data import EvalGroups, SplitArrays
 from robustbench_mat.errors import UserError
 from robustbench_mat.hparams import HParam
 from robustbench_mat.metadata import UpstreamFile, require_columns, write_table
+from robustbench_mat.protocols import XRM_CODE_OPTIMIZERS, PaperSetup
 from robustbench_mat.registry import register_dataset
 from robustbench_mat.text import TextBenchmark, TokenizedText, text_params
 
@@ -110,6 +111,7 @@ class _CivilComments(TextBenchmark):
     folder = "civilcomments"
     default_steps = 10_000
     default_eval_every = 1000
+    paper_setup = PaperSetup(60_001, 250, XRM_CODE_OPTIMIZERS["text"])
     params = {
         **text_params(),
         "max_length": HParam(220, "tokens per comment (truncated or padded)", ge=1),

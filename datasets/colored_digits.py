@@ -13,6 +13,7 @@ from robustbench_mat.backbones import small_cnn
 from robustbench_mat.data import BenchmarkDataset, SplitArrays
 from robustbench_mat.errors import UserError
 from robustbench_mat.hparams import MAX_SEED, HParam
+from robustbench_mat.protocols import XRM_CODE_OPTIMIZERS, PaperSetup
 from robustbench_mat.registry import register_dataset
 
 SPLIT_SIZES = {"train": 1000, "val": 397, "test": 400}  # the 1,797 digits of load_digits()
@@ -41,6 +42,8 @@ class ColoredDigits(BenchmarkDataset):
     attribute_names = ("red", "green")
     default_steps = 500
     default_eval_every = 50
+    # The budget and optimiser of the MAT/XRM code's coloured-MNIST datasets.
+    paper_setup = PaperSetup(1001, 50, XRM_CODE_OPTIMIZERS["mlp"])
     evaluate_train = True
     params = {
         "majority": HParam(

@@ -14,6 +14,7 @@ from robustbench_mat.data import SplitArrays
 from robustbench_mat.errors import UserError
 from robustbench_mat.hparams import HParam
 from robustbench_mat.metadata import UpstreamFile, require_columns, write_table
+from robustbench_mat.protocols import XRM_CODE_OPTIMIZERS, PaperSetup
 from robustbench_mat.registry import register_dataset
 from robustbench_mat.text import TextBenchmark, text_params
 
@@ -93,6 +94,7 @@ class MultiNLI(TextBenchmark):
     metadata_name = "multinli"
     default_steps = 30_000
     default_eval_every = 1000
+    paper_setup = PaperSetup(60_001, 250, XRM_CODE_OPTIMIZERS["text"])
     params = {
         **text_params(),
         "max_length": HParam(

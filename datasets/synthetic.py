@@ -12,6 +12,7 @@ from robustbench_mat.backbones import linear
 from robustbench_mat.data import BenchmarkDataset, SplitArrays
 from robustbench_mat.errors import UserError
 from robustbench_mat.hparams import MAX_SEED, HParam
+from robustbench_mat.protocols import PaperSetup
 from robustbench_mat.registry import register_dataset
 
 _SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -54,6 +55,7 @@ class Synthetic(BenchmarkDataset):
     attribute_names = ("a0", "a1")
     default_steps = 1000
     default_eval_every = 10
+    paper_setup = PaperSetup(1000, 10, grid=None)  # its defaults are the paper script's
     default_checkpoint_every = 100
     evaluate_train = True
     params = {

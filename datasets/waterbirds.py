@@ -9,6 +9,7 @@ import pandas as pd
 from robustbench_mat.errors import UserError
 from robustbench_mat.images import ImageBenchmark, image_params
 from robustbench_mat.metadata import UpstreamFile, require_columns, write_table
+from robustbench_mat.protocols import XRM_CODE_OPTIMIZERS, PaperSetup
 from robustbench_mat.registry import register_dataset
 
 EXTRACTED = "waterbird_complete95_forest2water2"
@@ -40,6 +41,8 @@ class Waterbirds(ImageBenchmark):
     transform_kind = "waterbirds"
     default_steps = 5000
     default_eval_every = 500
+    # The MAT/XRM code trains every Waterbirds model on frozen ResNet-50 features.
+    paper_setup = PaperSetup(1001, 50, XRM_CODE_OPTIMIZERS["image"], data={"features": "resnet50"})
     params = image_params("waterbirds")
     upstream = (
         UpstreamFile(

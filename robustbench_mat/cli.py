@@ -13,6 +13,7 @@ from tabulate import tabulate
 
 from robustbench_mat.errors import UserError
 from robustbench_mat.hparams import MAX_SEED, parse_assignments
+from robustbench_mat.protocols import PROTOCOLS
 from robustbench_mat.regimes import REGIMES
 from robustbench_mat.registry import DATASETS, METHODS
 
@@ -97,6 +98,16 @@ def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_protocol_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="default",
+        help="paper: the MAT/XRM code's budget, optimiser, data per phase, one inference seed "
+        "(0) and, when tuning, its 10-configuration grid; flags you give still win",
+    )
+
+
 def _inference_settings(args: argparse.Namespace) -> dict:
     """The group-inference fields of a RunSpec or TuneSpec, from the parsed flags."""
     return {
@@ -154,6 +165,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="dataset parameters, e.g. --data noise_std=0",
     )
     _add_inference_arguments(parser)
+    _add_protocol_argument(parser)
     parser.add_argument(
         "--infer-trials",
         type=POSITIVE,
@@ -317,6 +329,7 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
             help="dataset parameters",
         )
         _add_inference_arguments(sub)
+        _add_protocol_argument(sub)
         sub.add_argument(
             "--storage",
             help="Optuna storage URL (default sqlite in the workdir; "
@@ -384,6 +397,7 @@ def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str 
         launcher=args.launcher,
         slurm=parse_assignments(args.slurm, "--slurm"),
         stale_after=args.stale_after,
+        protocol=args.protocol,
         **_inference_settings(args),
     )
 
@@ -416,7 +430,7 @@ def command_tune(args: argparse.Namespace) -> int:
 
 
 def command_sweep(args: argparse.Namespace) -> int:
-    from robustbench_mat.tuning import base_plan, check_storage, tune
+    from robustbench_mat.tuning import base_plan, check_storage, tune, with_protocol_grid
 
     check_storage(args.storage)  # before the loop, which reports a combination's errors as skips
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
@@ -426,7 +440,7 @@ def command_sweep(args: argparse.Namespace) -> int:
             for regime in args.regimes:
                 spec = _tune_spec(args, method, dataset, regime)
                 try:
-                    the_plan = base_plan(spec)
+                    the_plan = base_plan(with_protocol_grid(spec))
                     if regime == "full" and not the_plan.method_cls.needs_train_groups:
                         raise UserError(
                             "it reads no training group labels, so `full` would repeat its "
@@ -503,6 +517,7 @@ def command_run(args: argparse.Namespace) -> int:
         restart=args.restart,
         num_workers=args.num_workers,
         **_inference_settings(args),
+        protocol=args.protocol,
         stop_loss=args.stop_loss,
         inference_trials=args.infer_trials,
     )

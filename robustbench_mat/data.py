@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,9 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from torch import nn
 
 from robustbench_mat.hparams import HParam, resolve
+
+if TYPE_CHECKING:
+    from robustbench_mat.protocols import PaperSetup
 
 SPLITS = ("train", "val", "test")
 
@@ -106,6 +109,7 @@ class BenchmarkDataset:
     default_criterion: ClassVar[str | None] = None
     task: ClassVar[str] = "classification"
     hparam_family: ClassVar[str] = "mlp"  # image | text | mlp: ranges of the paper's grid
+    paper_setup: ClassVar[PaperSetup | None] = None  # what `--protocol paper` applies
     evaluate_train: ClassVar[bool] = False
 
     def __init__(self, data_dir: str | Path | None = None, **params: Any) -> None:

@@ -31,6 +31,7 @@ from robustbench_mat.errors import RunFailed, RunPruned, UserError, first_line
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
 from robustbench_mat.hparams import resolve, sample_configurations
 from robustbench_mat.method import Method
+from robustbench_mat.protocols import Protocol, get_protocol
 from robustbench_mat.provenance import CodeVersion, code_version, package_version
 from robustbench_mat.regimes import (
     Regime,
@@ -82,6 +83,7 @@ class RunSpec:
     inference_steps: int | None = None
     inference_data: dict[str, Any] = field(default_factory=dict)
     inference_seed: int | None = None
+    protocol: str = "default"
     on_evaluation: Callable[[dict[str, Any]], None] | None = field(default=None, compare=False)
 
 
@@ -101,6 +103,7 @@ class RunPlan:
     checkpoint_every: int
     device: torch.device
     workdir: Path
+    protocol: Protocol = field(default_factory=Protocol)
 
     @property
     def method_name(self) -> str:
@@ -123,6 +126,7 @@ class RunPlan:
         return stable_hash(
             {
                 "code": self.code.fingerprint,
+                "protocol": self.protocol.name,
                 "method": self.method_name,
                 "dataset": self.dataset.name,
                 "data": self.dataset.config,
@@ -156,6 +160,7 @@ class RunPlan:
             "regime": self.regime.name,
             "seed": self.spec.seed,
             "criterion": self.criterion,
+            "protocol": self.protocol.name,
             "steps": self.steps,
             "main_steps": self.main_steps,
             "eval_every": self.eval_every,
@@ -172,12 +177,14 @@ class RunPlan:
         seed is the run's own unless one inference seed serves every seed (the paper: 0)."""
         if self.inferrer is None:
             return None
-        spec = self.spec
+        spec, protocol = self.spec, self.protocol
+        seed = _first_set(spec.inference_seed, protocol.inference_seed, spec.seed)
         return {
             "trials": spec.inference_trials,
+            "grid": protocol.grid if spec.inference_trials == 1 else None,
             "steps": spec.inference_steps,
-            "data": spec.inference_data,
-            "seed": spec.seed if spec.inference_seed is None else spec.inference_seed,
+            "data": {**protocol.inference_data, **spec.inference_data},
+            "seed": seed,
             "hparams": spec.inference_hparams,
         }
 
@@ -189,6 +196,7 @@ class RunPlan:
             TAGS.SEED: self.spec.seed,
             TAGS.CRITERION: self.criterion,
             TAGS.KIND: self.spec.kind,
+            TAGS.PROTOCOL: self.protocol.name,
             TAGS.RUN_KEY: self.key,
             **self.spec.tags,
         }
@@ -257,7 +265,8 @@ def plan(spec: RunSpec) -> RunPlan:
     """Validate `spec` and fill in the defaults; raises `UserError` on any bad input."""
     method_cls = METHODS.get(spec.method)
     dataset_cls = DATASETS.get(spec.dataset)
-    dataset = dataset_cls(spec.data_dir, **spec.data_params)
+    protocol = get_protocol(spec.protocol, dataset_cls)
+    dataset = dataset_cls(spec.data_dir, **{**protocol.data, **spec.data_params})
     regime = (
         get_regime(spec.regime) if spec.regime else default_regime(method_cls.needs_train_groups)
     )
@@ -272,12 +281,16 @@ def plan(spec: RunSpec) -> RunPlan:
     if spec.criterion is None and method_cls.infers_groups and not regime.val_groups:
         criterion = "val_worst_class"  # a group-inference run cannot select on its own groups
     check_criterion_allowed(criterion, regime)
-    hparams = resolve(method_cls.hparam_specs(dataset), spec.hparams, f"method {method_cls.name!r}")
-    steps = spec.steps if spec.steps is not None else dataset.default_steps
+    hparams = resolve(
+        method_cls.hparam_specs(dataset),
+        {**protocol.hparams, **spec.hparams},
+        f"method {method_cls.name!r}",
+    )
+    steps = _first_set(spec.steps, protocol.steps, dataset.default_steps)
     if steps < 1:
         raise UserError(f"--steps must be a positive number of steps, got {steps}")
     main_steps = method_cls.main_steps(hparams, steps)
-    eval_every = spec.eval_every if spec.eval_every is not None else dataset.default_eval_every
+    eval_every = _first_set(spec.eval_every, protocol.eval_every, dataset.default_eval_every)
     eval_every = min(eval_every, max(main_steps, 1))
     checkpoint_every = spec.checkpoint_every
     if checkpoint_every is None:
@@ -301,6 +314,7 @@ def plan(spec: RunSpec) -> RunPlan:
         checkpoint_every,
         resolve_device(spec.device),
         resolve_workdir(spec.workdir),
+        protocol,
     )
     if the_plan.inferrer is not None:
         if spec.inference_trials < 1:
@@ -320,6 +334,10 @@ def plan(spec: RunSpec) -> RunPlan:
             f"{method_cls.name!r} with {criterion!r} infers none"
         )
     return the_plan
+
+
+def _first_set(*values: Any) -> Any:
+    return next(value for value in values if value is not None)
 
 
 def run(spec: RunSpec) -> RunResult:
@@ -448,9 +466,17 @@ def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
     """The group-inference runs that `the_plan` chooses from: one with the inferrer's defaults,
     or `inference_trials` configurations drawn from its search space; `inference_hparams` are
     fixed in all of them."""
-    spec = the_plan.spec
+    spec, settings = the_plan.spec, the_plan.inference_settings()
     configurations = [dict(spec.inference_hparams)]
-    if spec.inference_trials > 1:
+    if settings["grid"] == "paper":  # the paper's 10 configurations, chosen by flip rate
+        from robustbench_mat.tuning import paper_grid
+
+        inferrer = METHODS.get(the_plan.inferrer)
+        configurations = [
+            {**configuration, **spec.inference_hparams}
+            for configuration in paper_grid(inferrer, the_plan.dataset, spec.inference_hparams)
+        ]
+    elif spec.inference_trials > 1:
         inferrer = METHODS.get(the_plan.inferrer)
         space = {
             name: distribution
@@ -465,12 +491,13 @@ def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
         RunSpec(
             method=the_plan.inferrer,
             dataset=the_plan.dataset.name,
-            seed=spec.seed if spec.inference_seed is None else spec.inference_seed,
+            seed=settings["seed"],
             regime="none",
             steps=spec.inference_steps,
             device=spec.device,
             hparams=configuration,
-            data_params={**the_plan.dataset.config, **spec.inference_data},
+            data_params={**the_plan.dataset.config, **settings["data"]},
+            protocol=spec.protocol,
             data_dir=spec.data_dir,
             workdir=the_plan.workdir,
             kind="group-inference",

@@ -46,6 +46,7 @@ class TAGS:
     KIND = "robustbench.kind"  # run | trial | final | leaderboard
     STATE = "robustbench.state"  # running | finished | failed | killed | pruned
     RUN_KEY = "robustbench.run_key"
+    PROTOCOL = "robustbench.protocol"  # default | paper
     FINAL = "robustbench.final"  # "true" on the seed runs of a study's best configuration
 
 

@@ -38,7 +38,8 @@ from robustbench_mat.data import BenchmarkDataset, stable_hash
 from robustbench_mat.errors import RunPruned, UserError
 from robustbench_mat.evaluation import higher_is_better
 from robustbench_mat.method import Method
-from robustbench_mat.registry import METHODS
+from robustbench_mat.protocols import get_protocol
+from robustbench_mat.registry import DATASETS, METHODS
 from robustbench_mat.runner import RunPlan, RunResult, RunSpec, plan, run
 from robustbench_mat.tracking import TAGS, Tracker
 
@@ -78,6 +79,7 @@ class TuneSpec:
     inference_steps: int | None = None
     inference_data: dict[str, Any] = field(default_factory=dict)
     inference_seed: int | None = None
+    protocol: str = "default"
     show_progress: bool = True
 
     def run_spec(self, hparams: dict[str, Any], seed: int, kind: str, tags: dict) -> RunSpec:
@@ -101,6 +103,7 @@ class TuneSpec:
             inference_steps=self.inference_steps,
             inference_data=dict(self.inference_data),
             inference_seed=self.inference_seed,
+            protocol=self.protocol,
         )
 
 
@@ -118,6 +121,14 @@ class TuneResult:
 
 
 # --- the study --------------------------------------------------------------------------------
+def with_protocol_grid(spec: TuneSpec) -> TuneSpec:
+    """`spec` with its protocol's grid (`--protocol paper`: the paper's) unless it names one."""
+    if spec.grid is not None or spec.protocol == "default":
+        return spec
+    grid = get_protocol(spec.protocol, DATASETS.get(spec.dataset)).grid
+    return dataclasses.replace(spec, grid=grid)
+
+
 def base_plan(spec: TuneSpec) -> RunPlan:
     """Validates the spec against the plugins and regimes before anything starts."""
     check_storage(spec.storage)
@@ -163,6 +174,7 @@ def study_name(spec: TuneSpec, the_plan: RunPlan) -> str:
     )
     fixed = {
         "code": the_plan.code.fingerprint,
+        "protocol": spec.protocol,
         "data": spec.data_params,
         "fixed": spec.hparams,
         "criterion": the_plan.criterion,
@@ -561,6 +573,7 @@ def launch_workers(spec: TuneSpec, workdir: Path, log: Callable[[str], None] = p
 # --- the command ------------------------------------------------------------------------------
 def tune(spec: TuneSpec, log: Callable[[str], None] = print) -> TuneResult:
     """Tune, then re-run the best configuration for `spec.seeds` seeds (0, 1, ...)."""
+    spec = with_protocol_grid(spec)
     the_plan = base_plan(spec)
     trial_space(spec, the_plan)
     study = open_study(spec, the_plan)
