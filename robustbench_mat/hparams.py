@@ -12,16 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
-
-from optuna.distributions import (
-    BaseDistribution,
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-)
+from typing import TYPE_CHECKING, Any
 
 from robustbench_mat.errors import UserError
+
+if TYPE_CHECKING:  # Optuna is imported where a search space is built, not by the command line
+    from optuna.distributions import BaseDistribution
 
 # Seeds are taken in numpy's legacy range, which `training.seed_everything` passes on unchanged.
 MAX_SEED = 2**32 - 1
@@ -111,6 +107,14 @@ class HParam:
 
 def search_range(distribution: BaseDistribution | None) -> tuple[Any, ...]:
     """The extreme values `distribution` can propose: low and high, or every choice."""
+    if distribution is None:
+        return ()
+    from optuna.distributions import (
+        CategoricalDistribution,
+        FloatDistribution,
+        IntDistribution,
+    )
+
     if isinstance(distribution, (FloatDistribution, IntDistribution)):
         return (distribution.low, distribution.high)
     if isinstance(distribution, CategoricalDistribution):

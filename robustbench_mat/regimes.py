@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from robustbench_mat.errors import UserError
-from robustbench_mat.evaluation import check_criterion
 
 
 @dataclass(frozen=True)
@@ -86,6 +85,8 @@ def check_allowed(
 
 
 def check_criterion_allowed(criterion: str, regime: Regime) -> None:
+    from robustbench_mat.evaluation import check_criterion  # imports torch: not at startup
+
     check_criterion(criterion)
     if not regime.val_groups and criterion.startswith(_GROUP_CRITERIA_PREFIXES):
         raise UserError(
