@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sklearn
 import torch
-from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from robustbench_mat.backbones import check_head_split, split_head
@@ -28,9 +26,13 @@ TOL = 1e-8  # liblinear's stopping tolerance: tight enough to solve each problem
 MAX_ITER = 10_000
 
 
-# scikit-learn 1.8 deprecated `penalty` for `l1_ratio`; older versions ignore `l1_ratio` here.
-_NEW_SKLEARN = tuple(int(part) for part in sklearn.__version__.split(".")[:2]) >= (1, 8)
-_L1: dict[str, Any] = {"l1_ratio": 1.0} if _NEW_SKLEARN else {"penalty": "l1"}
+def _l1_penalty() -> dict[str, Any]:
+    """The ℓ1 penalty argument: scikit-learn 1.8 deprecated `penalty` for `l1_ratio`; older
+    versions ignore `l1_ratio` here."""
+    import sklearn
+
+    new = tuple(int(part) for part in sklearn.__version__.split(".")[:2]) >= (1, 8)
+    return {"l1_ratio": 1.0} if new else {"penalty": "l1"}
 
 
 def l1_logistic(
@@ -40,6 +42,9 @@ def l1_logistic(
     |w|_1 + |b| + C Σ_i log(1 + exp(-y_i (w·x_i + b))). Binary: one row, the score of class 1;
     more classes: one-vs-rest, one row per class (liblinear's own multiclass scheme, which
     scikit-learn >= 1.8 no longer runs itself)."""
+    # scikit-learn (with SciPy and pandas) is imported here, not when `list` imports the plugin
+    from sklearn.linear_model import LogisticRegression
+
     if n_classes == 2:
         targets = [y]
     else:
@@ -49,7 +54,7 @@ def l1_logistic(
         if len(np.unique(target)) < 2:
             raise UserError("dfr needs every class in each balanced validation subsample")
         fitted = LogisticRegression(
-            C=c, solver="liblinear", tol=TOL, max_iter=MAX_ITER, random_state=seed, **_L1
+            C=c, solver="liblinear", tol=TOL, max_iter=MAX_ITER, random_state=seed, **_l1_penalty()
         ).fit(x, target)
         coefs.append(fitted.coef_)
         intercepts.append(fitted.intercept_)
