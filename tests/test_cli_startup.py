@@ -1,0 +1,142 @@
+"""The command line starts without importing the heavy libraries it does not need.
+
+Each check runs in a fresh interpreter and reads `sys.modules` at its end: `--help` of the
+command and of every subcommand imports none of torch, MLflow, Optuna and transformers, and
+`list` (which imports the plugins, hence torch) imports neither MLflow nor transformers. Start-up
+times are measured by `benchmarks/bench_cli_startup.py`, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+HEAVY = ("torch", "mlflow", "optuna", "transformers")
+SUBCOMMANDS = (
+    "run",
+    "list",
+    "experiment",
+    "download",
+    "prepare",
+    "tune",
+    "sweep",
+    "reproduce",
+    "leaderboard",
+    "ui",
+)
+
+
+def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+def _loaded(names: list[str]) -> str:
+    """Code printing, as JSON on the last line, which of `names` are imported."""
+    return f"print(json.dumps([m for m in {names!r} if m in sys.modules]))"
+
+
+def test_importing_the_command_line_imports_no_heavy_library():
+    completed = _python(f"import json, sys\nimport robustbench_mat.cli\n{_loaded(list(HEAVY))}")
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout.splitlines()[-1]) == []
+
+
+def test_importing_the_package_keeps_its_public_names_and_sets_the_openmp_wait_policy():
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    completed = _python(
+        """
+        import json, os, sys
+        import robustbench_mat
+        policy = os.environ.get("OMP_WAIT_POLICY")
+        before = [m for m in ("torch", "optuna") if m in sys.modules]
+        public = robustbench_mat.__all__
+        names = {name: getattr(robustbench_mat, name).__module__ for name in public}
+        print(json.dumps([policy, before, names]))
+        """,
+        env=env,
+    )
+    assert completed.returncode == 0, completed.stderr
+    policy, before, names = json.loads(completed.stdout.splitlines()[-1])
+    assert policy == "PASSIVE"
+    assert before == []
+    assert names == {
+        "Batch": "robustbench_mat.method",
+        "BenchmarkDataset": "robustbench_mat.data",
+        "EvalGroups": "robustbench_mat.data",
+        "HParam": "robustbench_mat.hparams",
+        "Method": "robustbench_mat.method",
+        "SplitArrays": "robustbench_mat.data",
+        "register_dataset": "robustbench_mat.registry",
+        "register_method": "robustbench_mat.registry",
+    }
+
+
+def test_help_of_the_command_and_of_every_subcommand_imports_no_heavy_library():
+    completed = _python(
+        f"""
+        import contextlib, io, json, sys
+        from robustbench_mat.cli import main
+
+        results = {{}}
+        for command in [[]] + [[name] for name in {list(SUBCOMMANDS)!r}]:
+            out = io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out):
+                    code = main(command + ["--help"])
+            except SystemExit as exit:
+                code = exit.code
+            heavy = [m for m in {list(HEAVY)!r} if m in sys.modules]
+            results[" ".join(command) or "(none)"] = [code, heavy, "usage:" in out.getvalue()]
+        print(json.dumps(results))
+        """
+    )
+    assert completed.returncode == 0, completed.stderr
+    results = json.loads(completed.stdout.splitlines()[-1])
+    assert results == {name: [0, [], True] for name in ("(none)", *SUBCOMMANDS)}
+
+
+def test_list_shows_built_in_and_entry_point_plugins_without_mlflow_or_transformers(
+    tmp_path: Path,
+):
+    site = tmp_path / "site"
+    (site / "demo_startup_plugin-1.0.dist-info").mkdir(parents=True)
+    (site / "demo_startup_plugin-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: demo-startup-plugin\nVersion: 1.0\n"
+    )
+    (site / "demo_startup_plugin-1.0.dist-info" / "entry_points.txt").write_text(
+        "[robustbench_mat.methods]\necho = demo_startup_plugin:Echo\n"
+    )
+    (site / "demo_startup_plugin.py").write_text(
+        'class Echo:\n    """Echo: a method from another package."""\n'
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(site), *sys.path])))
+    completed = _python(
+        """
+        import json, sys
+        from robustbench_mat.cli import main
+
+        code = main(["list"])
+        print(json.dumps([code, [m for m in ("mlflow", "transformers") if m in sys.modules]]))
+        """,
+        env=env,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    code, heavy = json.loads(lines[-1])
+    assert (code, heavy) == (0, [])
+    listing = "\n".join(lines[:-1])
+    rows = {line.split()[0]: line for line in listing.splitlines() if line.strip()}
+    assert "built-in" in rows["erm"] and "built-in" in rows["synthetic"]
+    assert "Echo: a method from another package." in rows["echo"]
+    assert rows["echo"].rstrip().endswith("package demo-startup-plugin 1.0")
