@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from robustbench_mat.download import google_drive_url
 from robustbench_mat.errors import UserError
 from robustbench_mat.images import ImageBenchmark, image_params
@@ -20,6 +18,8 @@ IMAGES = "img_align_celeba"
 
 def convert_celeba(root: Path) -> Path:
     """Zip the partition and attribute files line by line into `metadata_celeba.csv`."""
+    import pandas as pd  # here, not when `list` imports the plugin
+
     partition_path, attribute_path = root / PARTITION, root / ATTRIBUTES
     try:
         partition = partition_path.read_text().split("\n")

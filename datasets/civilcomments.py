@@ -6,10 +6,9 @@ Two datasets share this module: `civilcomments` (coarse) and `civilcomments-fine
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import pandas as pd
 import torch
 
 from robustbench_mat.data import EvalGroups, SplitArrays
@@ -20,6 +19,9 @@ from robustbench_mat.protocols import XRM_CODE_OPTIMIZERS, PaperSetup
 from robustbench_mat.registry import register_dataset
 from robustbench_mat.text import TextBenchmark, TokenizedText, text_params
 
+if TYPE_CHECKING:  # pandas is imported where a table is read or written, not by `list`
+    import pandas as pd
+
 IDENTITIES = ("male", "female", "LGBTQ", "christian", "muslim", "other_religions", "black", "white")
 SOURCE = "all_data_with_identities.csv"
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
@@ -29,6 +31,8 @@ EVAL_GROUP_NAMES = tuple(f"{c}/{i}" for c in CLASS_NAMES for i in IDENTITIES)
 
 def read_upstream(source: Path) -> pd.DataFrame:
     """The columns of `all_data_with_identities.csv` the conversion needs, validated."""
+    import pandas as pd  # here, not when `list` imports the plugin
+
     try:
         header = pd.read_csv(source, nrows=0).columns
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
@@ -65,6 +69,8 @@ def read_upstream(source: Path) -> pd.DataFrame:
 def convert_civilcomments(root: Path, fine: bool) -> list[Path]:
     """Write `metadata_civilcomments_<variant>.csv` (id,filename,split,y,a plus the eight
     identity indicators) and `civilcomments_<variant>.csv` (the texts, indexed by filename)."""
+    import pandas as pd  # here, not when `list` imports the plugin
+
     frame = read_upstream(root / SOURCE)
     split = frame["split"].map(SPLIT_CODE).to_numpy(np.int8)
     y = (frame["toxicity"].to_numpy() >= 0.5).astype(np.int8)
@@ -149,6 +155,8 @@ class _CivilComments(TextBenchmark):
         return len(IDENTITIES)
 
     def texts(self) -> pd.Series:
+        import pandas as pd  # here, not when `list` imports the plugin
+
         cached = getattr(self, "_texts", None)
         if cached is None:
             path = self.require(self.prepared_files(self.data_dir)[1])

@@ -6,7 +6,6 @@ import os
 import pickle
 from pathlib import Path
 
-import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -120,6 +119,8 @@ class MultiNLI(TextBenchmark):
 
     @classmethod
     def convert(cls, root: Path) -> list[Path]:
+        import pandas as pd  # here, not when `list` imports the plugin
+
         source = root / "metadata_random.csv"
         try:
             frame = pd.read_csv(source, index_col=0)

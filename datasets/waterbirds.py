@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-
 from robustbench_mat.errors import UserError
 from robustbench_mat.images import ImageBenchmark, image_params
 from robustbench_mat.metadata import UpstreamFile, require_columns, write_table
@@ -56,6 +54,8 @@ class Waterbirds(ImageBenchmark):
 
     @classmethod
     def convert(cls, root: Path) -> list[Path]:
+        import pandas as pd  # here, not when `list` imports the plugin
+
         source = root / EXTRACTED / "metadata.csv"
         try:
             frame = pd.read_csv(source)

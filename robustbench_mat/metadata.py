@@ -14,13 +14,15 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-import pandas as pd
 
 from robustbench_mat.data import BenchmarkDataset
 from robustbench_mat.errors import UserError
+
+if TYPE_CHECKING:  # pandas is imported where a table is read or written, not by `list`
+    import pandas as pd
 
 METADATA_COLUMNS = ("id", "filename", "split", "y", "a")
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -100,6 +102,8 @@ def read_metadata(
     """The metadata table at `path`, validated: every column present, split in {0, 1, 2}, y and
     a integers in range, filenames non-empty and inside the dataset folder. Any problem raises
     `UserError` naming the file and the line."""
+    import pandas as pd  # here, not when `list` imports the plugin
+
     try:
         frame = pd.read_csv(path, dtype={"filename": str}, keep_default_na=False)
     except FileNotFoundError:
