@@ -299,7 +299,18 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
     sweep.add_argument("--methods", nargs="+", required=True)
     sweep.add_argument("--datasets", nargs="+", required=True)
     sweep.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
-    for sub in (tune, sweep):
+    reproduce = commands.add_parser(
+        "reproduce",
+        help="tune and run every row of the MAT paper's Table 1 that the harness implements for "
+        "one dataset, under --protocol paper, and compare with the published numbers",
+    )
+    reproduce.add_argument("name", choices=("table1",))
+    reproduce.add_argument(
+        "--dataset", required=True, choices=("waterbirds", "celeba", "multinli", "civilcomments")
+    )
+    reproduce.add_argument("--methods", nargs="+", help="only the rows of these methods")
+    reproduce.set_defaults(protocol="paper")
+    for sub in (tune, sweep, reproduce):
         sub.add_argument(
             "--trials", type=POSITIVE, help="finished trials (default 20; --grid paper: its 10)"
         )
@@ -329,7 +340,8 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
             help="dataset parameters",
         )
         _add_inference_arguments(sub)
-        _add_protocol_argument(sub)
+        if sub is not reproduce:
+            _add_protocol_argument(sub)
         sub.add_argument(
             "--storage",
             help="Optuna storage URL (default sqlite in the workdir; "
@@ -475,6 +487,17 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
         )
 
 
+def command_reproduce(args: argparse.Namespace) -> int:
+    from robustbench_mat.reproduce import reproduce_table1
+
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    spec = _tune_spec(args, "erm", args.dataset, None)
+    table, path = reproduce_table1(spec, args.methods, log=log)
+    print(table)
+    print(f"written to {path}")
+    return 0
+
+
 def command_data(args: argparse.Namespace) -> int:
     from robustbench_mat.download import dataset_class, download_dataset, prepare_dataset
 
@@ -574,7 +597,7 @@ def command_experiment(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": command_run, "list": command_list, "experiment": command_experiment}
 COMMANDS.update(download=command_data, prepare=command_data)
-COMMANDS.update(tune=command_tune, sweep=command_sweep)
+COMMANDS.update(tune=command_tune, sweep=command_sweep, reproduce=command_reproduce)
 COMMANDS.update(leaderboard=command_leaderboard, ui=command_ui)
 
 
