@@ -46,6 +46,7 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
         "seed",
         "study",
         "criterion",
+        "protocol",
         "run_id",
         "end_time",
         "test_avg",
@@ -62,6 +63,7 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
             "seed": runs[f"tags.{TAGS.SEED}"].astype(int),
             "study": runs["tags.robustbench.study"],
             "criterion": runs[f"tags.{TAGS.CRITERION}"],
+            "protocol": _tag_or(runs, TAGS.PROTOCOL, "default"),
             "run_id": runs["run_id"],
             "end_time": runs["end_time"],
         }
@@ -72,20 +74,29 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
     return table
 
 
+def _tag_or(runs: pd.DataFrame, tag: str, default: str) -> pd.Series:
+    column = f"tags.{tag}"
+    return runs[column].fillna(default) if column in runs else pd.Series(default, index=runs.index)
+
+
+ROW_KEY = ["method", "dataset", "regime", "protocol"]
+
+
 def latest_study_only(runs: pd.DataFrame) -> pd.DataFrame:
-    """Keep, for each (method, dataset, regime), the runs of the study that finished last."""
+    """Keep, for each (method, dataset, regime, protocol), the runs of the study that finished
+    last."""
     if runs.empty:
         return runs
-    last = runs.groupby(["method", "dataset", "regime", "study"])["end_time"].max().reset_index()
-    last = last.sort_values("end_time").groupby(["method", "dataset", "regime"]).tail(1)
-    return runs.merge(last[["method", "dataset", "regime", "study"]])
+    last = runs.groupby([*ROW_KEY, "study"])["end_time"].max().reset_index()
+    last = last.sort_values("end_time").groupby(ROW_KEY).tail(1)
+    return runs.merge(last[[*ROW_KEY, "study"]])
 
 
 def aggregate(runs: pd.DataFrame, average: str = "plain") -> pd.DataFrame:
     """Mean, std and count over seeds (in %) per (regime, method, dataset)."""
     metric = AVERAGES[average][0]
     runs = latest_study_only(runs)
-    grouped = runs.groupby(["regime", "method", "dataset"])
+    grouped = runs.groupby(["regime", "method", "dataset", "protocol"])
     summary = pd.DataFrame(
         {
             "avg": grouped[metric].mean() * 100,
@@ -97,6 +108,9 @@ def aggregate(runs: pd.DataFrame, average: str = "plain") -> pd.DataFrame:
         }
     ).reset_index()
     summary["source"] = "measured"
+    # A row says which protocol made it: `mat [paper]` beside the plain `mat`.
+    marked = summary.protocol != "default"
+    summary.loc[marked, "method"] = summary.method + " [" + summary.protocol + "]"
     return summary
 
 

@@ -116,3 +116,24 @@ def test_leaderboard_command_writes_the_file_and_logs_a_run(
 def test_empty_store_says_how_to_fill_it(workdir: Path, capsys) -> None:
     assert main(["leaderboard", "--workdir", str(workdir)]) == 2
     assert "run `robustbench-mat tune`" in capsys.readouterr().err
+
+
+def test_a_row_says_which_protocol_made_it(workdir: Path) -> None:
+    for protocol in ("default", "paper"):
+        tune(
+            TuneSpec(
+                method="erm",
+                dataset="synthetic",
+                trials=1,
+                seeds=2,
+                steps=20,
+                eval_every=10,
+                data_params={"n": 200, "dim": 20},
+                workdir=str(workdir),
+                protocol=protocol,
+            ),
+            log=lambda line: None,
+        )
+    board = build(f"sqlite:///{workdir / 'mlflow.db'}")
+    assert sorted(board.cells.method) == ["erm", "erm [paper]"]
+    assert "erm [paper]" in board.render("markdown")
