@@ -78,7 +78,7 @@ def test_the_objective_is_liblinears_optimum_and_sparse_on_synthetic(tmp_path) -
     )
     coef, intercept = standardised_binary_fit(method, scale)
     reference = LogisticRegression(
-        C=c, solver="liblinear", tol=1e-10, max_iter=100_000, **dfr_module._L1
+        C=c, solver="liblinear", tol=1e-10, max_iter=100_000, **dfr_module._l1_penalty()
     ).fit(x, y)
     ours = l1_logistic_objective(coef, intercept, x, y, c)
     theirs = l1_logistic_objective(reference.coef_, reference.intercept_, x, y, c)
