@@ -152,6 +152,20 @@ def test_colored_digits_has_its_own_gamma_and_other_datasets_the_waterbirds_one(
     assert AFR.hparam_specs(DATASETS.get("synthetic")(n=200, dim=20))["gamma"].default == 14.0
 
 
+def test_waterbirds_and_celeba_take_the_authors_readme_commands(tmp_path) -> None:
+    def defaults(name: str) -> dict:
+        specs = AFR.hparam_specs(DATASETS.get(name)(tmp_path, weights="none"))
+        return {k: specs[k].default for k in ("gamma", "reg", "stage2_lr", "stage2_steps")}
+
+    assert defaults("waterbirds") == {
+        "gamma": 14.0,
+        "reg": 0.2,
+        "stage2_lr": 0.02,
+        "stage2_steps": 500,
+    }
+    assert defaults("celeba") == {"gamma": 1.8, "reg": 0.0, "stage2_lr": 0.01, "stage2_steps": 100}
+
+
 def test_on_colored_digits_the_default_weights_do_not_collapse(tmp_path) -> None:
     """The stage-1 CNN is confident on nearly every held-out digit: with γ = 14 the weights sit on
     about two examples (what made the test worst-group accuracy swing from 0.16 to 0.83 over
