@@ -34,6 +34,9 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
     run id and the test metrics (fractions)."""
     import mlflow
 
+    from robustbench_mat.tracking import ensure_store
+
+    ensure_store(tracking_uri, None)  # a new store is created atomically, as every command does
     mlflow.set_tracking_uri(tracking_uri)
     runs = mlflow.search_runs(
         search_all_experiments=True,
