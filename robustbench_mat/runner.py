@@ -1,8 +1,10 @@
 """One training run from end to end: resolve the plugins, train, select, record.
 
 Data flows one way: dataset -> loop (method hooks) -> evaluator -> selection -> tracker. A run
-is identified by a key hashed from everything that determines its numbers; its directory under
-`<workdir>/runs/` holds the checkpoint (for resume) and, once finished, `result.json`.
+is identified by a key hashed from everything that determines its numbers, the code that
+computes them included (`provenance`); its directory under `<workdir>/runs/` holds the checkpoint
+(for resume) and, once finished, `result.json`. A lock in `<workdir>/locks/` is held while it
+trains, so identical runs started at once train one at a time.
 """
 
 from __future__ import annotations
