@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import inspect
 import sys
 from dataclasses import dataclass
@@ -62,19 +63,13 @@ def _package_digest() -> str:
     # folders beside `robustbench_mat/`: hash them through the package's own module paths.
     folders = {root}
     for sub in ("methods", "datasets", "leaderboard"):
-        module = sys.modules.get(f"{PACKAGE}.{sub}") or _import(f"{PACKAGE}.{sub}")
+        module = importlib.import_module(f"{PACKAGE}.{sub}")
         folders.update(Path(p) for p in getattr(module, "__path__", []))
     for folder in sorted(folders):
         for path in sorted(folder.rglob("*.py")):
             digest.update(str(path.relative_to(folder)).encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-def _import(name: str) -> object:
-    import importlib
-
-    return importlib.import_module(name)
 
 
 def _outside_sources(cls: type) -> list[str]:
