@@ -14,6 +14,7 @@ from tabulate import tabulate
 from robustbench_mat.errors import UserError
 from robustbench_mat.hparams import MAX_SEED, parse_assignments
 from robustbench_mat.protocols import PROTOCOLS
+from robustbench_mat.provenance import package_version
 from robustbench_mat.regimes import REGIMES
 from robustbench_mat.registry import DATASETS, METHODS
 
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="robustbench-mat",
         description="Train and compare group-robustness methods under subpopulation shift.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = commands.add_parser("run", help="train one method on one dataset and record it")
     _add_run_arguments(run)

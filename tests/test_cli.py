@@ -71,6 +71,15 @@ def test_list_shows_methods_and_datasets_with_their_source(capsys):
     assert synthetic_line.rstrip().endswith("built-in")
 
 
+def test_version_prints_the_installed_package_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--version"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out == f"robustbench-mat {version('robustbench-mat')}\n"
+
+
 def test_missing_required_option_is_a_one_line_error(capsys):
     code = main(["run", "--method", "erm"])
     assert_clean_error(
