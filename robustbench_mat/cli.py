@@ -189,6 +189,35 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _add_show_command(commands: argparse._SubParsersAction) -> None:
+    show = commands.add_parser(
+        "show",
+        help="a method's settings (defaults, ranges, search space, help), regimes and criterion, "
+        "or a dataset's parameters, groups and budget",
+    )
+    show.add_argument("name", help="method or dataset name (see `list`)")
+    show.add_argument(
+        "--dataset", help="for a method: the dataset its settings are shown on (default synthetic)"
+    )
+    show.add_argument(
+        "--data",
+        dest="data_params",
+        action="extend",
+        nargs="+",
+        metavar="KEY=VALUE",
+        help="dataset parameters, which some defaults depend on, e.g. --data features=resnet50",
+    )
+    show.add_argument("--data-dir", help="where to look for a dataset's prepared files")
+
+
+def command_show(args: argparse.Namespace) -> int:
+    from robustbench_mat.show import show
+
+    data_params = parse_assignments(args.data_params, "--data")
+    print(show(args.name, args.dataset, data_params, args.data_dir))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="robustbench-mat",
@@ -199,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="train one method on one dataset and record it")
     _add_run_arguments(run)
     commands.add_parser("list", help="list the methods and datasets with where they come from")
+    _add_show_command(commands)
     experiment = commands.add_parser(
         "experiment", help="reproduce a figure of the MAT paper (figure1, figure3)"
     )
@@ -598,6 +628,7 @@ def command_experiment(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": command_run, "list": command_list, "experiment": command_experiment}
+COMMANDS.update(show=command_show)
 COMMANDS.update(download=command_data, prepare=command_data)
 COMMANDS.update(tune=command_tune, sweep=command_sweep, reproduce=command_reproduce)
 COMMANDS.update(leaderboard=command_leaderboard, ui=command_ui)

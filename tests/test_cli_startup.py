@@ -2,7 +2,7 @@
 
 Each check runs in a fresh interpreter and reads `sys.modules` at its end: `--help` of the
 command and of every subcommand imports none of torch, MLflow, Optuna and transformers, and
-`list` (which imports the plugins, hence torch) imports neither MLflow, transformers,
+`list` and `show` (which import the plugins, hence torch) import neither MLflow, transformers,
 scikit-learn nor pandas. Start-up times are measured by `benchmarks/bench_cli_startup.py`, not
 here.
 """
@@ -22,6 +22,7 @@ NOT_FOR_LIST = ("mlflow", "transformers", "sklearn", "pandas")
 SUBCOMMANDS = (
     "run",
     "list",
+    "show",
     "experiment",
     "download",
     "prepare",
@@ -143,3 +144,19 @@ def test_list_shows_built_in_and_entry_point_plugins_without_training_libraries(
     assert "built-in" in rows["erm"] and "built-in" in rows["synthetic"]
     assert "Echo: a method from another package." in rows["echo"]
     assert rows["echo"].rstrip().endswith("package demo-startup-plugin 1.0")
+
+
+def test_show_imports_no_training_library_and_loads_no_backbone():
+    completed = _python(
+        f"""
+        import json, sys
+        from robustbench_mat.cli import main
+
+        codes = [main(["show", "mat", "--dataset", "civilcomments"]), main(["show", "waterbirds"])]
+        print(json.dumps([codes, [m for m in {list(NOT_FOR_LIST)!r} if m in sys.modules]]))
+        """
+    )
+    assert completed.returncode == 0, completed.stderr
+    codes, heavy = json.loads(completed.stdout.splitlines()[-1])
+    assert (codes, heavy) == ([0, 0], [])
+    assert "Settings on civilcomments" in completed.stdout
