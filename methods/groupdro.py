@@ -42,6 +42,7 @@ class GroupDRO(Method):
     paper = "Sagawa et al. 2020, Distributionally Robust Neural Networks for Group Shifts (ICLR)"
     needs_train_groups = True
     inferred_groups_variant = "xrm"  # GroupDRO on XRM-inferred groups
+    stack_varying = ("eta",)
     hparams = {
         "eta": HParam(
             1e-2,
@@ -105,10 +106,10 @@ class GroupDRO(Method):
     def loss(self, batch: Batch) -> torch.Tensor:
         losses = F.cross_entropy(self.model(batch.x), batch.y, reduction="none").float()
         groups = self.train_group_ids(batch)
-        n_groups = self.group_weights.numel()
-        counts = torch.bincount(groups, minlength=n_groups)
-        group_loss = torch.zeros(n_groups, device=losses.device).index_add_(0, groups, losses)
-        group_loss = group_loss / counts.clamp(min=1)
+        # Sums per group as a product with the one-hot membership (not bincount/index_add_), so
+        # that the same code runs vectorised over stacked models (`stacking`).
+        membership = F.one_hot(groups, self.group_weights.shape[-1]).to(losses.dtype)
+        group_loss = losses @ membership / membership.sum(0).clamp(min=1)
         if self.hp["generalization_adjustment"] > 0:
             group_loss = group_loss + self.adjustment().to(group_loss.device)
         with torch.no_grad():

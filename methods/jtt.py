@@ -74,6 +74,7 @@ class JTT(Method):
         "Liu et al. 2021, Just Train Twice: Improving Group Robustness without Training Group "
         "Information (ICML)"
     )
+    stack_varying = ("first_stage_frac", "upsample")  # read only before the main loop
     hparams = {
         "first_stage_frac": HParam(
             0.1,

@@ -70,6 +70,7 @@ class LfF(Method):
         "Nam et al. 2020, Learning from Failure: Training Debiased Classifier from Biased "
         "Classifier (NeurIPS)"
     )
+    stackable = False  # per-example loss EMAs written by index at every step
     hparams = {
         "q": HParam(
             0.7,

@@ -60,6 +60,7 @@ class MAT(Method):
         "Generalization (arXiv 2412.07684)"
     )
     group_inference = "xrm-infer"
+    stack_varying = ("temperature",)
     hparams = {
         "temperature": HParam(
             0.1,

@@ -386,6 +386,14 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
         )
         sub.add_argument("--workers", type=POSITIVE, default=1, help="worker processes (default 1)")
         sub.add_argument(
+            "--parallel-trials",
+            type=POSITIVE,
+            default=1,
+            metavar="K",
+            help="trials each worker trains at once, as one stack of models where the method "
+            "and network allow it (default 1)",
+        )
+        sub.add_argument(
             "--launcher",
             default="local",
             choices=("local", "slurm", "submitit-local"),
@@ -438,6 +446,7 @@ def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str 
         sampler_seed=args.sampler_seed,
         prune=args.prune,
         workers=args.workers,
+        parallel_trials=args.parallel_trials,
         launcher=args.launcher,
         slurm=parse_assignments(args.slurm, "--slurm"),
         stale_after=args.stale_after,
@@ -461,10 +470,18 @@ def _tune_summary(results: list) -> str:
     return tabulate(rows, headers=headers, disable_numparse=True)
 
 
+def _require_data(dataset: str, data_dir: str | None) -> None:
+    """Fail in seconds when an on-disk dataset is not prepared, before a backbone is fetched."""
+    from robustbench_mat.runner import require_prepared_data
+
+    require_prepared_data(DATASETS.get(dataset), data_dir)
+
+
 def command_tune(args: argparse.Namespace) -> int:
     from robustbench_mat.tuning import check_storage, tune
 
     check_storage(args.storage)
+    _require_data(args.dataset, args.data_dir)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     result = tune(_tune_spec(args, args.method, args.dataset, args.regime), log=log)
     print(_tune_summary([(result.study_name, result)]))
@@ -484,6 +501,7 @@ def command_sweep(args: argparse.Namespace) -> int:
             for regime in args.regimes:
                 spec = _tune_spec(args, method, dataset, regime)
                 try:
+                    _require_data(dataset, args.data_dir)
                     the_plan = base_plan(with_protocol_grid(spec))
                     if regime == "full" and not the_plan.method_cls.needs_train_groups:
                         raise UserError(
@@ -522,6 +540,7 @@ def _add_data_commands(commands: argparse._SubParsersAction) -> None:
 def command_reproduce(args: argparse.Namespace) -> int:
     from robustbench_mat.reproduce import reproduce_table1
 
+    _require_data(args.dataset, args.data_dir)
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     spec = _tune_spec(args, "erm", args.dataset, None)
     table, path = reproduce_table1(spec, args.methods, log=log)

@@ -95,6 +95,11 @@ class Method(nn.Module):
     infers_groups: ClassVar[bool] = False  # writes an InferredGroups artifact in `finish`
     inferred_groups_variant: ClassVar[str | None] = None  # the method to use without groups
     hparams: ClassVar[dict[str, HParam]] = {}
+    # Batched training (`stacking`): whether the hooks can run vectorised over K stacked models,
+    # and which of the method's numeric settings may differ between them (the hooks then read
+    # them as 0-d tensors; only arithmetic, no `if` on them). Settings not listed are shared.
+    stackable: ClassVar[bool] = True
+    stack_varying: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__()

@@ -49,9 +49,11 @@ from robustbench_mat.training import (
     CheckpointStore,
     LoopResult,
     LoopSettings,
+    TrainingJob,
     resolve_device,
     seed_everything,
     train,
+    train_jobs,
 )
 
 DEFAULT_INFERRER = "xrm-infer"
@@ -263,6 +265,27 @@ class RunResult:
     reused: bool = False
 
 
+def require_prepared_data(dataset_cls: type[BenchmarkDataset], data_dir: str | Path | None) -> None:
+    """Fail at once (UserError) when an on-disk dataset's prepared files are missing, saying
+    where it looked and how to get them. `run` (and the command line, before tuning) calls it
+    before `plan` builds the dataset, which may fetch a backbone over the network (the text
+    datasets); `plan` itself needs no data."""
+    prepared_files = getattr(dataset_cls, "prepared_files", None)
+    missing = [
+        path for path in (prepared_files(data_dir) if prepared_files else []) if not path.exists()
+    ]
+    if missing:
+        from robustbench_mat.metadata import resolve_data_dir
+
+        folder, data = missing[0].parent, resolve_data_dir(data_dir)
+        raise UserError(
+            f"dataset {dataset_cls.name} is not prepared: looked in {folder.absolute()} for "
+            f"{', '.join(path.name for path in missing)}; run `robustbench-mat download "
+            f"{dataset_cls.name} --data-dir {data}` (or, with its upstream files placed there by "
+            f"hand, `robustbench-mat prepare {dataset_cls.name} --data-dir {data}`)"
+        )
+
+
 def plan(spec: RunSpec) -> RunPlan:
     """Validate `spec` and fill in the defaults; raises `UserError` on any bad input."""
     method_cls = METHODS.get(spec.method)
@@ -346,15 +369,62 @@ def run(spec: RunSpec) -> RunResult:
     """Train, select and record one run; a finished identical run is reused, an interrupted one
     resumed from its last checkpoint. Identical runs started at once train one at a time: the
     later one waits, then reuses the result."""
-    the_plan = plan(spec)
-    run_dir = the_plan.run_dir
-    with _exclusive(run_dir, spec.show_progress):
-        if spec.restart and run_dir.exists():
-            shutil.rmtree(run_dir)
-        stored = _stored_result(run_dir / "result.json")
-        if stored is not None:
-            return stored
-        return _start_and_record(the_plan)
+    require_prepared_data(DATASETS.get(spec.dataset), spec.data_dir)  # in seconds, offline
+    (outcome,) = run_many([spec])
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def run_many(specs: list[RunSpec]) -> list[RunResult | Exception]:
+    """`run` for several specs at once: the runs whose models can be stacked (same method and
+    dataset, settings differing only in numbers, see `stacking`) train together in one
+    vectorised loop, each still its own run (key, directory, checkpoint, MLflow run, result).
+    Returns each spec's result or the exception that stopped it; identical specs share one run.
+    With a single spec, its exception is raised instead."""
+    if len(specs) == 1:
+        the_plan = plan(specs[0])
+        with _exclusive(the_plan.run_dir, specs[0].show_progress):
+            return [_reuse_or_train([the_plan])[0]]
+    outcomes: dict[int, RunResult | Exception] = {}
+    plans: dict[int, RunPlan] = {}
+    for index, spec in enumerate(specs):
+        try:
+            plans[index] = plan(spec)
+        except Exception as error:
+            outcomes[index] = error
+    _share_datasets(plans)
+    unique = {the_plan.key: the_plan for the_plan in plans.values()}
+    with contextlib.ExitStack() as held:
+        for the_plan in unique.values():
+            held.enter_context(_exclusive(the_plan.run_dir, the_plan.spec.show_progress))
+        results = dict(zip(unique, _reuse_or_train(list(unique.values())), strict=True))
+    for index, the_plan in plans.items():
+        outcomes[index] = results[the_plan.key]
+    return [outcomes[index] for index in range(len(specs))]
+
+
+def _share_datasets(plans: dict[int, RunPlan]) -> None:
+    """Let plans of the same data hold one dataset object: loaded once, and stackable."""
+    shared: dict[tuple[Any, ...], BenchmarkDataset] = {}
+    for index, the_plan in plans.items():
+        dataset = the_plan.dataset
+        key = (type(dataset), dataset.fingerprint(), str(getattr(dataset, "data_dir", None)))
+        plans[index] = dataclasses.replace(the_plan, dataset=shared.setdefault(key, dataset))
+
+
+def _reuse_or_train(plans: list[RunPlan]) -> list[RunResult | Exception]:
+    """Each plan's stored result, or a new one trained (together where possible); the run
+    locks are held by the caller. A single plan's exception is raised."""
+    outcomes: list[RunResult | Exception | None] = []
+    for the_plan in plans:
+        if the_plan.spec.restart and the_plan.run_dir.exists():
+            shutil.rmtree(the_plan.run_dir)
+        outcomes.append(_stored_result(the_plan.run_dir / "result.json"))
+    pending = [i for i, outcome in enumerate(outcomes) if outcome is None]
+    for i, outcome in zip(pending, _train_many([plans[i] for i in pending]), strict=True):
+        outcomes[i] = outcome
+    return outcomes  # type: ignore[return-value]
 
 
 @contextlib.contextmanager
@@ -398,7 +468,59 @@ def _stored_result(path: Path) -> RunResult | None:
         return None
 
 
-def _start_and_record(the_plan: RunPlan) -> RunResult:
+@dataclass
+class _Started:
+    """A run whose MLflow run is open and whose model is ready for the loop."""
+
+    plan: RunPlan
+    tracker: Tracker
+    run_id: str
+    job: TrainingJob | None = None
+    context: RunContext | None = None
+
+
+def _train_many(plans: list[RunPlan]) -> list[RunResult | Exception]:
+    """Start, train (stacked where possible) and record `plans`; with one plan, its exception
+    is raised, else each plan's exception is returned in its place."""
+    alone = len(plans) == 1
+    outcomes: list[RunResult | Exception | None] = [None] * len(plans)
+    started: list[tuple[int, _Started]] = []
+    for i, the_plan in enumerate(plans):
+        try:
+            started.append((i, _start(the_plan)))
+        except Exception as error:
+            if alone:
+                raise
+            outcomes[i] = error
+    ready = []
+    for i, run_ in started:
+        try:
+            with _recording(run_):
+                _prepare(run_)
+            ready.append((i, run_))
+        except Exception as error:
+            if alone:
+                raise
+            outcomes[i] = error
+    with contextlib.ExitStack() as recording:  # an interrupt ends every run as killed
+        for _, run_ in ready:
+            recording.enter_context(_recording(run_))
+        trained = train_jobs([run_.job for _, run_ in ready]) if ready else []
+    for (i, run_), outcome in zip(ready, trained, strict=True):
+        try:
+            with _recording(run_):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+                outcomes[i] = _record(run_, outcome)
+        except Exception as error:
+            if alone:
+                raise
+            outcomes[i] = error
+    return outcomes  # type: ignore[return-value]
+
+
+def _start(the_plan: RunPlan) -> _Started:
+    """Open (or reopen, on resume) the run's MLflow run."""
     run_dir = the_plan.run_dir
     the_plan.dataset.split("train")  # missing or malformed data fails before anything starts
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -413,23 +535,26 @@ def _start_and_record(the_plan: RunPlan) -> RunResult:
         run_id=previous,
     )
     _write_atomic(id_file, run_id)
+    return _Started(the_plan, tracker, run_id)
+
+
+@contextlib.contextmanager
+def _recording(run_: _Started) -> Iterator[None]:
+    """Close the MLflow run as killed, pruned or failed when the block raises; a full disk is
+    one line saying that the checkpoint and the store are intact."""
     try:
-        result = _train_and_record(the_plan, tracker, run_id)
-        _write_atomic(run_dir / "result.json", json.dumps(asdict(result), indent=2))
+        yield
     except BaseException as error:
         state = {KeyboardInterrupt: "killed", RunPruned: "pruned"}.get(type(error), "failed")
-        tracker.end_after_error(run_id, state)
+        run_.tracker.end_after_error(run_.run_id, state)
         if _is_disk_full(error):
             raise RunFailed(
-                f"no space left on device while recording {the_plan.run_name} "
-                f"({first_line(error)}); the last checkpoint in {run_dir} and the MLflow store "
-                "are intact: free some space, then run the same command again to resume"
+                f"no space left on device while recording {run_.plan.run_name} "
+                f"({first_line(error)}); the last checkpoint in {run_.plan.run_dir} and the "
+                "MLflow store are intact: free some space, then run the same command again to "
+                "resume"
             ) from None
         raise
-    tracker.end(run_id, "finished")
-    for previous in run_dir.glob(f"*{PREVIOUS_SUFFIX}"):
-        previous.unlink()  # kept only while a run can still be resumed
-    return result
 
 
 def _is_disk_full(error: BaseException) -> bool:
@@ -510,7 +635,9 @@ def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
     ]
 
 
-def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunResult:
+def _prepare(run_: _Started) -> None:
+    """Infer groups if needed, build the method, run its `prepare`, and set up its loop job."""
+    the_plan, tracker, run_id = run_.plan, run_.tracker, run_.run_id
     spec = the_plan.spec
     inferred = None
     if the_plan.inferrer is not None:
@@ -560,14 +687,21 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         if spec.on_evaluation is not None:
             spec.on_evaluation(record)
 
-    outcome = train(
+    run_.context = context
+    run_.job = TrainingJob(
         method,
-        the_plan.dataset,
         settings,
         CheckpointStore(run_dir / "checkpoint.pt"),
         on_eval=log_history,
         on_checkpoint=tracker.flush,
     )
+
+
+def _record(run_: _Started, outcome: LoopResult) -> RunResult:
+    """Write and log the finished run's artifacts and result; close its MLflow run."""
+    the_plan, tracker, run_id = run_.plan, run_.tracker, run_.run_id
+    method, context, spec = run_.job.method, run_.context, the_plan.spec
+    run_dir = the_plan.run_dir
     tracker.flush()
     method.finish(context, outcome)
 
@@ -583,7 +717,7 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
             run_id, run_dir / name, "checkpoints" if name.endswith(".pt") else None
         )
     tracker.set_tags(run_id, {"robustbench.selected_step": selected["step"]})
-    return RunResult(
+    result = RunResult(
         run_id=run_id,
         run_key=the_plan.key,
         method=the_plan.method_name,
@@ -599,6 +733,11 @@ def _train_and_record(the_plan: RunPlan, tracker: Tracker, run_id: str) -> RunRe
         finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         code=the_plan.code.describe(),
     )
+    _write_atomic(run_dir / "result.json", json.dumps(asdict(result), indent=2))
+    tracker.end(run_id, "finished")
+    for previous in run_dir.glob(f"*{PREVIOUS_SUFFIX}"):
+        previous.unlink()  # kept only while a run can still be resumed
+    return result
 
 
 def _write_atomic(path: Path, text: str) -> None:

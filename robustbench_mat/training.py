@@ -13,7 +13,8 @@ import math
 import os
 import random
 import sys
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +245,20 @@ class _Stream:
             yield idx, x.to(self.device, non_blocking=True), self.y[idx], self.a[idx]
 
 
+@dataclass
+class TrainingJob:
+    """One model for the loop to train: its method, settings, checkpoints and callbacks.
+
+    `on_eval` receives every evaluation record (it may raise, e.g. `RunPruned`, to stop this
+    model); `on_checkpoint` is called before each checkpoint is written."""
+
+    method: Method
+    settings: LoopSettings
+    checkpoints: CheckpointStore | None = None
+    on_eval: Callable[[dict[str, Any]], None] | None = None
+    on_checkpoint: Callable[[], None] | None = None
+
+
 def train(
     method: Method,
     dataset: BenchmarkDataset,
@@ -253,158 +268,439 @@ def train(
     on_checkpoint: Callable[[], None] | None = None,
 ) -> LoopResult:
     """Train `method` on `dataset` for `settings.steps` steps, resuming from `checkpoints`."""
-    device = settings.device
+    (outcome,) = train_jobs(
+        [TrainingJob(method, settings, checkpoints, on_eval, on_checkpoint)], dataset
+    )
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+def train_jobs(
+    jobs: Sequence[TrainingJob], dataset: BenchmarkDataset | None = None
+) -> list[LoopResult | Exception]:
+    """Train every job on `dataset`: jobs that can share a stack (`stacking.stack_key`: same
+    method and settings but for the numbers it lets vary, same budget, same resume point) train
+    together in one vectorised loop, the others one at a time. Returns each job's result, or the
+    exception that stopped it (a pruned, diverged or failed model stops alone). Each job trains
+    on `dataset`, by default its method's own."""
     # Re-stating the thread count pins MKL to it: left to its default, small matrix products ran
     # 20-60x slower on 2-core machines.
     torch.set_num_threads(torch.get_num_threads())
-    method.to(device)
-    optimizer = method.configure_optimizer()
-    scheduler = method.configure_scheduler(optimizer, settings.steps)
-    train_split = method.train_split()
-    eval_splits = [method.eval_split(dataset.split(s)) for s in ("val", "test")]
-    if settings.evaluate_train:
-        eval_splits.insert(0, dataset.split("train"))
-    weights = train_group_weights(dataset.split("train"))
-    if method.hp.get("class_balanced") and dataset.task != "classification":
-        raise UserError(f"class_balanced needs classes; {dataset.name} is a {dataset.task} task")
-    schedule = BatchSchedule(
-        len(train_split),
-        int(method.hp["batch_size"]),
-        settings.seed,
-        subset=method.train_subset(train_split),
-        weights=method.train_weights(train_split),
-        class_labels=train_split.y if method.hp.get("class_balanced") else None,
-    )
-    stream = _Stream(train_split, schedule, device, settings.num_workers)
+    models: list[_Model] = []
+    outcomes: dict[int, Exception] = {}
+    for index, job in enumerate(jobs):
+        try:
+            models.append(_Model(index, job, dataset or job.method.dataset))
+        except Exception as error:  # this job cannot start; the others still train
+            if len(jobs) == 1:
+                raise
+            outcomes[index] = error
+    for group in _stacks(models):
+        try:
+            _loop(group)
+        except Exception as error:
+            if len(jobs) == 1:
+                raise
+            for model in group:
+                model.fail(error)
+    for model in models:
+        outcomes[model.index] = model.outcome()
+    return [outcomes[index] for index in range(len(jobs))]
 
-    start, history, best, best_state, stopped = 0, [], None, None, False
-    loss_sum, loss_count = 0.0, 0
-    state = checkpoints.load() if checkpoints else None
-    if state is not None:
-        method.load_state_dict(state["method"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start, history = state["step"], state["history"]
-        best, best_state = state["best"], state["best_state"]
-        stopped = state.get("stopped", False)
-        loss_sum, loss_count = state.get("loss_sum", 0.0), state.get("loss_count", 0)
-    maximize = higher_is_better(settings.criterion)
 
-    def evaluate(step: int, mean_loss: float | None) -> dict[str, Any]:
-        method.eval()
+def _stacks(models: list[_Model]) -> list[list[_Model]]:
+    """Groups of models to train together; a model that cannot be stacked is alone (and says
+    so once per method when it was asked to share)."""
+    from robustbench_mat.stacking import stack_key, why_not_stackable
+
+    if len(models) < 2:
+        return [[model] for model in models]
+    groups: dict[Any, list[_Model]] = {}
+    alone, reasons = [], {}
+    for model in models:
+        reason = why_not_stackable(model.method)
+        if reason is not None:
+            alone.append([model])
+            reasons.setdefault(type(model.method).name, reason)
+            continue
+        s = model.settings
+        key = stack_key(
+            model.method,
+            id(model.dataset),
+            s.steps,
+            s.eval_every,
+            s.checkpoint_every,
+            str(s.device),
+            s.stop_loss,
+            s.evaluate_train,
+            s.train_groups_visible,
+            s.criterion,
+            model.schedule.batch_size,
+            model.start,
+            model.stopped,
+        )
+        groups.setdefault(key, []).append(model)
+    for name, reason in reasons.items():
+        print(
+            f"robustbench-mat: {name} models train one at a time here ({reason})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return [*groups.values(), *alone]
+
+
+class _Model:
+    """One job's state in the loop: its optimiser, batches, history and selection."""
+
+    def __init__(self, index: int, job: TrainingJob, dataset: BenchmarkDataset) -> None:
+        self.index, self.job, self.dataset = index, job, dataset
+        self.method, self.settings = job.method, job.settings
+        method, settings = self.method, self.settings
+        method.to(settings.device)
+        self.optimizer = method.configure_optimizer()
+        self.scheduler = method.configure_scheduler(self.optimizer, settings.steps)
+        self.train_split = method.train_split()
+        self.eval_splits = [method.eval_split(dataset.split(s)) for s in ("val", "test")]
+        if settings.evaluate_train:
+            self.eval_splits.insert(0, dataset.split("train"))
+        self.weights = train_group_weights(dataset.split("train"))
+        if method.hp.get("class_balanced") and dataset.task != "classification":
+            raise UserError(
+                f"class_balanced needs classes; {dataset.name} is a {dataset.task} task"
+            )
+        self.schedule = BatchSchedule(
+            len(self.train_split),
+            int(method.hp["batch_size"]),
+            settings.seed,
+            subset=method.train_subset(self.train_split),
+            weights=method.train_weights(self.train_split),
+            class_labels=self.train_split.y if method.hp.get("class_balanced") else None,
+        )
+        self.start, self.history = 0, []
+        self.best: dict[str, Any] | None = None
+        self.best_state: dict[str, Any] | None = None
+        self.stopped, self.loss_sum, self.loss_count = False, 0.0, 0
+        self.rng: dict[str, Any] | None = None
+        self.error: Exception | None = None
+        self.maximize = higher_is_better(settings.criterion)
+        state = job.checkpoints.load() if job.checkpoints else None
+        if state is not None:
+            method.load_state_dict(state["method"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scheduler is not None:
+                self.scheduler.load_state_dict(state["scheduler"])
+            self.rng = state["rng"]
+            self.start, self.history = state["step"], state["history"]
+            self.best, self.best_state = state["best"], state["best_state"]
+            self.stopped = state.get("stopped", False)
+            self.loss_sum = state.get("loss_sum", 0.0)
+            self.loss_count = state.get("loss_count", 0)
+
+    @property
+    def training(self) -> bool:
+        return self.error is None and not self.stopped
+
+    def fail(self, error: Exception) -> None:
+        if self.error is None:
+            self.error = error
+
+    def outcome(self) -> LoopResult | Exception:
+        if self.error is not None:
+            return self.error
+        if self.best is None:  # resumed after the last step: nothing left to evaluate
+            return RunFailed(f"{self.settings.description}: no evaluation was recorded")
+        return LoopResult(self.history, self.best, self.best_state, resumed_from=self.start)
+
+    def add_loss(self, step: int, value: float) -> None:
+        if not math.isfinite(value):
+            self.fail(
+                RunFailed(
+                    f"the loss became {value} at step {step} ({self.settings.description}); "
+                    f"lower the learning rate (lr={self.method.hp['lr']}) or check the inputs"
+                )
+            )
+            return
+        self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
+        stop_loss = self.settings.stop_loss
+        self.stopped = stop_loss is not None and value < stop_loss
+
+    def evaluate(
+        self, step: int, mean_loss: float | None, logits_of: Callable[[GroupedSplit], torch.Tensor]
+    ) -> dict[str, Any]:
+        """Evaluate at `step`, keep the record and the best state; calls `on_eval`."""
+        settings, dataset = self.settings, self.dataset
         record: dict[str, Any] = {"step": step}
         if mean_loss is not None:
             record["train_loss"] = mean_loss
-        with _autocast(device):
-            for split in eval_splits:
-                logits = predict(
-                    method.predict,
-                    split,
-                    device,
-                    batch_size=dataset.eval_batch_size,
-                    num_workers=settings.num_workers,
+        for split in self.eval_splits:
+            logits = logits_of(split)
+            record.update(dataset.metrics(split, logits, self.weights))
+            if split.name == "val" and settings.inferred_val_groups is not None:
+                record.update(
+                    inferred_group_metrics("val", logits, split.y, settings.inferred_val_groups)
                 )
-                record.update(dataset.metrics(split, logits, weights))
-                if split.name == "val" and settings.inferred_val_groups is not None:
-                    record.update(
-                        inferred_group_metrics("val", logits, split.y, settings.inferred_val_groups)
-                    )
-        record.update(method.logged_state())
-        method.train()
-        return record
-
-    def checkpoint(step: int) -> None:
-        if on_checkpoint is not None:
-            on_checkpoint()
-        if checkpoints is not None:
-            checkpoints.save(
-                {
-                    "step": step,
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "rng": _rng_state(),
-                    "history": history,
-                    "best": best,
-                    "best_state": best_state,
-                    "stopped": stopped,
-                    "loss_sum": loss_sum,
-                    "loss_count": loss_count,
-                }
-            )
-
-    def record_evaluation(step: int, mean_loss: float | None) -> None:
-        nonlocal best, best_state
-        record = evaluate(step, mean_loss)
-        history.append(record)
+        record.update(self.method.logged_state())
+        self.history.append(record)
         if settings.criterion not in record:
             measured = ", ".join(k for k in record if k.startswith("val_"))
             raise UserError(
                 f"selection criterion {settings.criterion!r} is not measured on "
                 f"{dataset.name}; measured: {measured}"
             )
-        previous = None if best is None else best[settings.criterion]
-        if is_better(record[settings.criterion], previous, maximize):
-            best, best_state = record, _cpu_copy(method.state_dict())
-        if on_eval is not None:
-            on_eval(record)
-        shown = dict.fromkeys(("val_wga", settings.criterion))
-        postfix = {"loss": f"{record['train_loss']:.4g}"} if mean_loss is not None else {}
-        postfix.update({k: f"{record[k]:.3f}" for k in shown if k in record})
-        bar.set_postfix(postfix, refresh=False)
+        previous = None if self.best is None else self.best[settings.criterion]
+        if is_better(record[settings.criterion], previous, self.maximize):
+            self.best, self.best_state = record, _cpu_copy(self.method.state_dict())
+        if self.job.on_eval is not None:
+            self.job.on_eval(record)
+        return record
 
-    checkpoint_every = settings.checkpoint_every or settings.eval_every
-    show_groups = settings.train_groups_visible
+    def checkpoint(self, step: int, optimizer_state: dict[str, Any]) -> None:
+        if self.job.on_checkpoint is not None:
+            self.job.on_checkpoint()
+        if self.job.checkpoints is None:
+            return
+        self.job.checkpoints.save(
+            {
+                "step": step,
+                "method": self.method.state_dict(),
+                "optimizer": optimizer_state,
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "rng": _rng_state(),
+                "history": self.history,
+                "best": self.best,
+                "best_state": self.best_state,
+                "stopped": self.stopped,
+                "loss_sum": self.loss_sum,
+                "loss_count": self.loss_count,
+            }
+        )
+
+
+class _Alone:
+    """Steps one model with its own torch optimiser: today's plain loop, K = 1."""
+
+    def __init__(self, model: _Model) -> None:
+        self.model = model
+        settings = model.settings
+        self.stream = _Stream(
+            model.train_split, model.schedule, settings.device, settings.num_workers
+        )
+        if model.rng is not None:
+            _set_rng_state(model.rng)
+
+    def steps(self, start: int, stop: int) -> Iterator[list[float]]:
+        model, method = self.model, self.model.method
+        show_groups = model.settings.train_groups_visible
+        n_attributes = model.dataset.n_attributes
+        for step, (idx, x, y, a) in enumerate(self.stream.batches(start, stop), start=start + 1):
+            batch = Batch(idx, x, y, a if show_groups else None, n_attributes)
+            with _autocast(model.settings.device):
+                loss = method.loss(batch)
+            value = loss.item()
+            if math.isfinite(value):
+                model.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                model.optimizer.step()
+                if model.scheduler is not None:
+                    model.scheduler.step()
+                method.after_step(batch, step)
+            yield [value]
+
+    def logits_of(self, model: _Model) -> Callable[[GroupedSplit], torch.Tensor]:
+        settings = model.settings
+
+        def logits(split: GroupedSplit) -> torch.Tensor:
+            with _autocast(settings.device):
+                return predict(
+                    model.method.predict,
+                    split,
+                    settings.device,
+                    batch_size=model.dataset.eval_batch_size,
+                    num_workers=settings.num_workers,
+                )
+
+        return logits
+
+    def sync(self, model: _Model) -> None:
+        """Nothing to do: the model trains in its own module."""
+
+    def freeze(self, model: _Model) -> None:
+        """Nothing to do: a stopped model ends the loop."""
+
+    def optimizer_state(self, model: _Model) -> dict[str, Any]:
+        return model.optimizer.state_dict()
+
+
+class _Stacked:
+    """Steps K models at once (`stacking.ModelStack`): one vectorised loss and update."""
+
+    def __init__(self, models: list[_Model]) -> None:
+        from robustbench_mat.stacking import ModelStack, StackedOptimizer
+
+        self.models = models
+        first = models[0]
+        self.device = first.settings.device
+        self.stack = ModelStack([m.method for m in models])
+        self.optimizer = StackedOptimizer(self.stack)
+        for k, model in enumerate(models):
+            self.optimizer.load_member(k, model.optimizer)
+        train = first.train_split
+        self.x, self.y, self.a = (t.to(self.device) for t in (train.inputs, train.y, train.a))
+        schedules = [m.schedule for m in models]
+        self.shared = all(_same_schedule(schedules[0], other) for other in schedules[1:])
+        self._logits: dict[tuple[int, str], torch.Tensor] = {}
+
+    def steps(self, start: int, stop: int) -> Iterator[list[float]]:
+        models, stack, optimizer = self.models, self.stack, self.optimizer
+        first = models[0]
+        show_groups = first.settings.train_groups_visible
+        schedulers = [m.scheduler for m in models]
+        scheduled = schedulers[0] is not None
+        for step in range(start + 1, stop + 1):
+            if self.shared:
+                idx = first.schedule.indices(step - 1).to(self.device)
+            else:
+                idx = torch.stack([m.schedule.indices(step - 1) for m in models]).to(self.device)
+            a = self.a[idx] if show_groups else None
+            with _autocast(self.device):
+                losses = stack.losses(
+                    idx, self.x[idx], self.y[idx], a, first.dataset.n_attributes, not self.shared
+                )
+            values = losses.tolist()
+            for k, value in enumerate(values):
+                if not math.isfinite(value):
+                    optimizer.active[k] = 0.0
+            stack.zero_grad()
+            losses.sum().backward()
+            scale = None
+            if scheduled:
+                scale = torch.tensor(
+                    [s.get_last_lr()[0] / s.base_lrs[0] for s in schedulers], dtype=torch.float64
+                )
+            optimizer.step(scale)
+            if scheduled:
+                with warnings.catch_warnings():  # the members' own optimisers never step
+                    warnings.filterwarnings(
+                        "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                    )
+                    for scheduler in schedulers:
+                        scheduler.step()
+            self._logits.clear()
+            yield values
+
+    def logits_of(self, model: _Model) -> Callable[[GroupedSplit], torch.Tensor]:
+        """Logits of `model` on a split, computed for every model of the stack at once (the
+        first member evaluated after a step pays for all of them)."""
+        k = self.models.index(model)
+        size = model.dataset.eval_batch_size
+
+        def logits(split: GroupedSplit) -> torch.Tensor:
+            if (k, split.name) not in self._logits:
+                with _autocast(self.device):
+                    chunks = [
+                        self.stack.predict(split.inputs[i : i + size].to(self.device))
+                        for i in range(0, len(split), size)
+                    ]
+                every = torch.cat(chunks, dim=1).float().cpu()
+                for j in range(len(self.models)):
+                    self._logits[(j, split.name)] = every[j]
+            return self._logits[(k, split.name)]
+
+        return logits
+
+    def sync(self, model: _Model) -> None:
+        self.stack.unstack(self.models.index(model))
+
+    def freeze(self, model: _Model) -> None:
+        self.optimizer.active[self.models.index(model)] = 0.0
+
+    def optimizer_state(self, model: _Model) -> dict[str, Any]:
+        return self.optimizer.export_member(self.models.index(model), model.optimizer)
+
+
+def _same_schedule(one: BatchSchedule, other: BatchSchedule) -> bool:
+    def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+        return (a is None and b is None) or (
+            a is not None and b is not None and a.shape == b.shape and torch.equal(a, b)
+        )
+
+    return (
+        one.seed == other.seed
+        and one.batch_size == other.batch_size
+        and same(one.pool, other.pool)
+        and same(one.weights, other.weights)
+    )
+
+
+def _loop(models: list[_Model]) -> None:
+    """The shared loop over one group of models that step together."""
+    first = models[0]
+    settings = first.settings
+    stepper = _Alone(first) if len(models) == 1 else _Stacked(models)
+    description = settings.description
+    if len(models) > 1:
+        description = f"{len(models)} stacked models: {description}"
     bar = tqdm(
         total=settings.steps,
-        initial=start,
-        desc=settings.description,
+        initial=first.start,
+        desc=description,
         disable=not settings.show_progress,
         dynamic_ncols=True,
         leave=True,
     )
-    method.train()
-    try:
-        if settings.steps == 0 and best is None:  # a main loop that trains nothing (DFR)
-            record_evaluation(0, None)
-            checkpoint(0)
-        batches = stream.batches(start, start if stopped else settings.steps)
-        for step, (idx, x, y, a) in enumerate(batches, start=start + 1):
-            batch = Batch(idx, x, y, a if show_groups else None, dataset.n_attributes)
-            with _autocast(device):
-                loss = method.loss(batch)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise RunFailed(
-                    f"the loss became {value} at step {step} ({settings.description}); lower the "
-                    f"learning rate (lr={method.hp['lr']}) or check the inputs"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            method.after_step(batch, step)
-            loss_sum, loss_count = loss_sum + value, loss_count + 1
-            bar.update(1)
-            stopped = settings.stop_loss is not None and value < settings.stop_loss
-            last = stopped or step == settings.steps
+    checkpoint_every = settings.checkpoint_every or settings.eval_every
 
-            if step % settings.eval_every == 0 or last:
-                record_evaluation(step, loss_sum / loss_count)
-                loss_sum, loss_count = 0.0, 0
-            if step % checkpoint_every == 0 or last:
-                checkpoint(step)
-            if stopped:
+    def evaluate(model: _Model, step: int, mean_loss: float | None) -> None:
+        stepper.sync(model)
+        model.method.eval()
+        try:
+            record = model.evaluate(step, mean_loss, stepper.logits_of(model))
+        except Exception as error:  # e.g. RunPruned from on_eval: this model stops here
+            model.fail(error)
+            stepper.freeze(model)
+            return
+        finally:
+            model.method.train()
+        postfix = {"loss": f"{record['train_loss']:.4g}"} if mean_loss is not None else {}
+        shown = dict.fromkeys(("val_wga", settings.criterion))
+        postfix.update({k: f"{record[k]:.3f}" for k in shown if k in record})
+        bar.set_postfix(postfix, refresh=False)
+
+    for model in models:
+        model.method.train()
+    try:
+        if settings.steps == 0 and first.best is None:  # a main loop that trains nothing (DFR)
+            for model in models:
+                evaluate(model, 0, None)
+                if model.error is None:
+                    model.checkpoint(0, stepper.optimizer_state(model))
+        stop = first.start if first.stopped else settings.steps
+        for step, values in enumerate(stepper.steps(first.start, stop), start=first.start + 1):
+            bar.update(1)
+            last = step == settings.steps
+            for model, value in zip(models, values, strict=True):
+                if not model.training:
+                    continue
+                model.add_loss(step, value)
+                if model.error is not None:
+                    stepper.freeze(model)
+                    continue
+                if step % settings.eval_every == 0 or last or model.stopped:
+                    evaluate(model, step, model.loss_sum / model.loss_count)
+                    model.loss_sum, model.loss_count = 0.0, 0
+                if model.error is None and (step % checkpoint_every == 0 or last or model.stopped):
+                    stepper.sync(model)
+                    model.checkpoint(step, stepper.optimizer_state(model))
+                if model.stopped:
+                    stepper.freeze(model)
+            if not any(model.training for model in models):
                 break
+        for model in models:
+            if model.error is None and not model.stopped:
+                stepper.sync(model)
     finally:
         bar.close()
-
-    if best is None:  # resumed after the last step: nothing left to evaluate
-        raise RunFailed(f"{settings.description}: no evaluation was recorded")
-    return LoopResult(history, best, best_state, resumed_from=start)
 
 
 def _autocast(device: torch.device) -> contextlib.AbstractContextManager:

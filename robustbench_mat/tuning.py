@@ -40,7 +40,7 @@ from robustbench_mat.evaluation import higher_is_better
 from robustbench_mat.method import Method
 from robustbench_mat.protocols import get_protocol
 from robustbench_mat.registry import DATASETS, METHODS
-from robustbench_mat.runner import RunPlan, RunResult, RunSpec, plan, run
+from robustbench_mat.runner import RunPlan, RunResult, RunSpec, plan, run, run_many
 from robustbench_mat.tracking import TAGS, Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -72,6 +72,7 @@ class TuneSpec:
     trial_seed: int = 0
     prune: bool = True
     workers: int = 1
+    parallel_trials: int = 1  # trials each worker asks for at once and trains stacked
     launcher: str = "local"
     slurm: dict[str, str] = field(default_factory=dict)
     stale_after: float = 600.0
@@ -132,8 +133,9 @@ def with_protocol_grid(spec: TuneSpec) -> TuneSpec:
 def base_plan(spec: TuneSpec) -> RunPlan:
     """Validates the spec against the plugins and regimes before anything starts."""
     check_storage(spec.storage)
-    if (spec.trials is not None and spec.trials < 1) or spec.seeds < 1 or spec.workers < 1:
-        raise UserError("--trials, --seeds and --workers must be at least 1")
+    counts = (spec.seeds, spec.workers, spec.parallel_trials)
+    if (spec.trials is not None and spec.trials < 1) or min(counts) < 1:
+        raise UserError("--trials, --seeds, --workers and --parallel-trials must be at least 1")
     if spec.launcher not in LAUNCHERS:
         raise UserError(f"--launcher must be one of {', '.join(LAUNCHERS)}")
     if spec.grid not in (None, "paper"):
@@ -253,7 +255,11 @@ def open_study(spec: TuneSpec, the_plan: RunPlan, worker: int = 0) -> optuna.Stu
     # would propose the same configurations again): the seed also depends on the progress.
     progress = len(study.get_trials(deepcopy=False))
     seed = int(stable_hash({"seed": spec.sampler_seed, "worker": worker, "n": progress}), 16)
-    study.sampler = optuna.samplers.TPESampler(seed=seed % 2**31)
+    # Trials asked together are proposed before any of them reports: the constant liar keeps
+    # TPE from proposing the same configuration to all of them.
+    study.sampler = optuna.samplers.TPESampler(
+        seed=seed % 2**31, constant_liar=spec.parallel_trials > 1
+    )
     return study
 
 
@@ -443,37 +449,74 @@ def worker_loop(spec: TuneSpec, worker: int = 0, log: Callable[[str], None] = pr
     target = target_trials(spec)
     while True:
         recover_dead_trials(study, spec.stale_after)
-        waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-        if _slots_taken(study) >= target and not waiting:
+        trials = []
+        for _ in range(spec.parallel_trials):
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if _slots_taken(study) >= target and not waiting:
+                break
+            trial = ask_trial(study, space)
+            if _slots_taken(study, before=trial.number) >= target:
+                # Another worker took the last slot at the same moment: give this one up.
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=TrialState.FAIL)
+                break
+            trials.append(trial)
+        if not trials:
             return
-        trial = ask_trial(study, space)
-        if _slots_taken(study, before=trial.number) >= target:
-            # Another worker took the last slot at the same moment: give this one up.
-            trial.set_user_attr("surplus", True)
-            study.tell(trial, state=TrialState.FAIL)
-            return
-        _run_trial(spec, study, trial, parent, target, log)
+        _run_trials(spec, study, trials, parent, target, log)
 
 
-def _run_trial(
+def _run_trials(
     spec: TuneSpec,
     study: optuna.Study,
-    trial: optuna.Trial,
+    trials: list[optuna.Trial],
     parent: str,
     target: int,
     log: Callable[[str], None],
 ) -> None:
-    trial.set_user_attr("pid", os.getpid())
-    trial.set_user_attr("started", time.time())
-    trial.set_user_attr("host", socket.gethostname())  # last: with it, the others are set
+    """Train `trials` (together where their models stack), each its own run, and tell Optuna
+    each outcome; a pruned trial stops alone. The first failure is raised once every trial
+    has been told."""
     the_plan = base_plan(spec)
     criterion = the_plan.criterion
-    tags = {
-        "mlflow.parentRunId": parent,
-        "robustbench.study": study.study_name,
-        "robustbench.trial": trial.number,
-    }
-    run_spec = spec.run_spec(dict(trial.params), spec.trial_seed, "trial", tags)
+    specs = []
+    for trial in trials:
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("started", time.time())
+        trial.set_user_attr("host", socket.gethostname())  # last: with it, the others are set
+        tags = {
+            "mlflow.parentRunId": parent,
+            "robustbench.study": study.study_name,
+            "robustbench.trial": trial.number,
+        }
+        run_spec = spec.run_spec(dict(trial.params), spec.trial_seed, "trial", tags)
+        run_spec.on_evaluation = _reporter(trial, criterion)
+        specs.append(run_spec)
+    outcomes = run_many(specs) if len(specs) > 1 else [_outcome(run, specs[0])]
+    failure = None
+    for trial, outcome in zip(trials, outcomes, strict=True):
+        if isinstance(outcome, RunPruned):
+            study.tell(trial, state=TrialState.PRUNED)
+            log(f"trial {trial.number}: pruned")
+            continue
+        if isinstance(outcome, BaseException):
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            failure = failure or outcome
+            continue
+        trial.set_user_attr("mlflow_run_id", outcome.run_id)
+        value = outcome.selected[criterion]
+        study.tell(trial, value)
+        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        log(
+            f"trial {trial.number} ({finished} of {target} finished): {criterion} = "
+            f"{value:.4f} with {_short(trial.params)}; best so far {study.best_value:.4f}"
+        )
+    if failure is not None:
+        raise failure
+
+
+def _reporter(trial: optuna.Trial, criterion: str) -> Callable[[dict[str, Any]], None]:
+    """Reports each evaluation to Optuna and stops the trial's model when it is pruned."""
 
     def report(record: dict[str, Any]) -> None:
         trial.set_user_attr("alive", time.time())
@@ -481,24 +524,14 @@ def _run_trial(
         if trial.should_prune():
             raise RunPruned(f"trial {trial.number} pruned at step {record['step']}")
 
-    run_spec.on_evaluation = report
+    return report
+
+
+def _outcome(function: Callable[[RunSpec], RunResult], spec: RunSpec) -> RunResult | Exception:
     try:
-        result = run(run_spec)
-    except RunPruned:
-        study.tell(trial, state=TrialState.PRUNED)
-        log(f"trial {trial.number}: pruned")
-        return
-    except Exception:
-        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-        raise
-    trial.set_user_attr("mlflow_run_id", result.run_id)
-    value = result.selected[criterion]
-    study.tell(trial, value)
-    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    log(
-        f"trial {trial.number} ({finished} of {target} finished): {criterion} = {value:.4f} "
-        f"with {_short(trial.params)}; best so far {study.best_value:.4f}"
-    )
+        return function(spec)
+    except RunPruned as pruned:
+        return pruned
 
 
 def _short(params: dict[str, Any]) -> str:
@@ -666,9 +699,12 @@ def _final_runs(
         "robustbench.best_trial": best.number,
         TAGS.FINAL: "true",
     }
+    specs = [spec.run_spec(dict(best.params), seed, "final", tags) for seed in range(spec.seeds)]
+    outcomes = run_many(specs) if spec.parallel_trials > 1 else [run(s) for s in specs]
     finals = []
-    for seed in range(spec.seeds):
-        result = run(spec.run_spec(dict(best.params), seed, "final", tags))
+    for seed, result in enumerate(outcomes):
+        if isinstance(result, BaseException):
+            raise result
         tracker.set_tags(result.run_id, tags)
         finals.append(result)
         log(

@@ -1,0 +1,319 @@
+"""K models of one method trained as one: stacked parameters, one vectorised step.
+
+The models' parameters and buffers are stacked along a new first dimension; the method's own
+`loss` and `predict` hooks, written for one model, run once under `torch.func.vmap` over the
+stack, and one optimiser update with each model's learning rate, weight decay and momentum moves
+all of them. The shared loop (`training.train_jobs`) uses it to train models that differ only in
+numbers: the loop's `lr`, `weight_decay` and `momentum`, the seed (initial weights and data
+order), and the method settings it lists in `Method.stack_varying`, which reach the hooks as
+0-d tensors. Every other setting is shared within a stack (`stack_key`).
+
+A method or network that cannot be stacked (`why_not_stackable`: the method declares
+`stackable = False`, brings its own optimiser or per-step hook, holds a layer outside
+`STACKABLE_LAYERS`, or reads its data from disk) is trained one model at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from robustbench_mat.method import NO_DECAY, Batch, Method
+
+LOOP_VARYING = ("lr", "weight_decay", "momentum")
+STACKABLE_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.Identity,
+    nn.Flatten,
+    nn.ReLU,
+    nn.GELU,
+    nn.Tanh,
+    nn.Sigmoid,
+)
+
+
+def why_not_stackable(method: Method) -> str | None:
+    """Why `method` must train alone, or None when it can be stacked."""
+    cls = type(method)
+    if not cls.stackable:
+        return f"method {cls.name!r} declares that its hooks cannot be vectorised"
+    for hook in ("configure_optimizer", "after_step"):
+        if getattr(cls, hook) is not getattr(Method, hook):
+            return f"method {cls.name!r} overrides {hook}"
+    if method.hp.get("optimizer", "sgd") not in ("sgd", "adam", "adamw"):
+        return f"optimizer {method.hp['optimizer']!r}"
+    for module in method.modules():
+        if module is not method and not isinstance(module, STACKABLE_LAYERS):
+            return f"its network holds a {type(module).__name__}"
+    if not method.train_split().in_memory:
+        return f"{method.dataset.name}'s inputs are read from disk"
+    return None
+
+
+def varying_settings(method: Method) -> tuple[str, ...]:
+    """The settings that may differ between the models of one stack."""
+    return (*LOOP_VARYING, *type(method).stack_varying)
+
+
+def stack_key(method: Method, *shared: Hashable) -> Hashable:
+    """Models with equal keys can be trained in one stack: same method, same values of every
+    setting outside `varying_settings` (a non-numeric value counts as shared), and equal
+    `shared` loop settings."""
+    varying = varying_settings(method)
+    fixed = tuple(
+        sorted(
+            (name, repr(value))
+            for name, value in method.hp.items()
+            if name not in varying or not _is_number(value)
+        )
+    )
+    return (type(method), fixed, *shared)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+class _Hook(nn.Module):
+    """Calls a hook of the wrapped method, so that `functional_call` can run it on any state."""
+
+    def __init__(self, method: Method) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, hook: str, *args: Any) -> torch.Tensor:
+        return getattr(self.method, hook)(*args)
+
+
+class ModelStack:
+    """The stacked state of K models of one method, with their hooks vectorised over it.
+
+    `members[0]` lends its code; every member keeps its own module, into which `unstack`
+    copies its slice of the stack (for `state_dict`, `logged_state`, `finish`)."""
+
+    def __init__(self, members: Sequence[Method]) -> None:
+        self.members = list(members)
+        base = self.members[0]
+        self._hook = _Hook(base)
+        named = [dict(m.named_parameters()) for m in self.members]
+        self.params = {
+            name: torch.stack([n[name].detach() for n in named]).requires_grad_(p.requires_grad)
+            for name, p in named[0].items()
+        }
+        buffers = [dict(m.named_buffers()) for m in self.members]
+        self.buffers = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]}
+        varying = [name for name in varying_settings(base) if name not in LOOP_VARYING]
+        self.shared_hp = {k: v for k, v in base.hp.items() if k not in varying}
+        device = next(iter(self.params.values())).device
+        self.varying_hp = {
+            name: torch.tensor([float(m.hp[name]) for m in self.members], device=device)
+            for name in varying
+            if name in base.hp and _is_number(base.hp[name])
+        }
+        for name in varying:
+            if name not in self.varying_hp:
+                self.shared_hp[name] = base.hp.get(name)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def _call(self, state: dict[str, torch.Tensor], hp: dict[str, torch.Tensor], hook: str, *args):
+        base = self._hook.method
+        original = base.hp
+        base.hp = {**self.shared_hp, **hp}
+        try:
+            prefixed = {f"method.{name}": tensor for name, tensor in state.items()}
+            return functional_call(self._hook, prefixed, (hook, *args), strict=False)
+        finally:
+            base.hp = original
+
+    def losses(
+        self,
+        indices: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        a: torch.Tensor | None,
+        n_attributes: int,
+        per_member: bool,
+    ) -> torch.Tensor:
+        """The K losses of one step; the batch is the same for all models unless `per_member`
+        (then every tensor has a leading dimension K)."""
+
+        def one(params, buffers, hp, indices, x, y, a):
+            batch = Batch(indices, x, y, a, n_attributes)
+            return self._call({**params, **buffers}, hp, "loss", batch)
+
+        data_dim = 0 if per_member else None
+        in_dims = (0, 0, 0, data_dim, data_dim, data_dim, None if a is None else data_dim)
+        return vmap(one, in_dims=in_dims)(
+            self.params, self.buffers, self.varying_hp, indices, x, y, a
+        )
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of every model on the same inputs: shape (K, len(x), ...)."""
+
+        def one(params, buffers, hp, x):
+            return self._call({**params, **buffers}, hp, "predict", x)
+
+        return vmap(one, in_dims=(0, 0, 0, None))(self.params, self.buffers, self.varying_hp, x)
+
+    @torch.no_grad()
+    def unstack(self, k: int) -> Method:
+        """Member k, its parameters and buffers set to its slice of the stack."""
+        member = self.members[k]
+        for name, tensor in member.named_parameters():
+            tensor.copy_(self.params[name][k])
+        for name, tensor in member.named_buffers():
+            tensor.copy_(self.buffers[name][k])
+        return member
+
+    def zero_grad(self) -> None:
+        for tensor in self.params.values():
+            tensor.grad = None
+
+
+class StackedOptimizer:
+    """SGD, Adam or AdamW (torch's update rules, op for op) over stacked parameters, with one
+    learning rate, weight decay and momentum per model. A model whose `active` flag is off is
+    left where it is. Its state converts to and from each member's own torch optimiser state, so
+    that a model's checkpoint is the same whether it was trained alone or in a stack."""
+
+    def __init__(self, stack: ModelStack) -> None:
+        self.stack = stack
+        hps = [m.hp for m in stack.members]
+        self.kind = hps[0]["optimizer"]
+        self.lr = torch.tensor([float(hp["lr"]) for hp in hps], dtype=torch.float64)
+        self.weight_decay = torch.tensor(
+            [float(hp["weight_decay"]) for hp in hps], dtype=torch.float64
+        )
+        self.momentum = torch.tensor(
+            [float(hp.get("momentum", 0)) for hp in hps], dtype=torch.float64
+        )
+        self.active = torch.ones(len(hps), dtype=torch.float64)
+        self.exempt = {
+            name
+            for name in stack.params
+            if hps[0].get("no_decay_groups") and any(part in name for part in NO_DECAY)
+        }
+        self.steps = 0
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.betas, self.eps = (0.9, 0.999), 1e-8
+
+    def _per_model(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        shape = (-1, *([1] * (like.dim() - 1)))
+        return values.reshape(shape).to(device=like.device, dtype=like.dtype)
+
+    @torch.no_grad()
+    def step(self, lr_scale: torch.Tensor | None = None) -> None:
+        self.steps += 1
+        lr = self.lr * self.active
+        if lr_scale is not None:
+            lr = lr * lr_scale
+        for name, param in self.stack.params.items():
+            if param.grad is None:
+                continue
+            decay = (
+                torch.zeros_like(self.weight_decay) if name in self.exempt else self.weight_decay
+            )
+            if self.kind == "sgd":
+                self._sgd(name, param, lr, decay)
+            else:
+                self._adam(name, param, lr, decay)
+
+    def _sgd(self, name: str, param: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor) -> None:
+        grad = param.grad + self._per_model(decay, param) * param
+        state = self.state.setdefault(name, {"momentum_buffer": torch.zeros_like(param)})
+        buffer = state["momentum_buffer"]
+        buffer.mul_(self._per_model(self.momentum, param)).add_(grad)
+        param.sub_(self._per_model(lr, param) * buffer)
+
+    def _adam(self, name: str, param: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        grad = param.grad
+        if self.kind == "adamw":
+            param.mul_(self._per_model(1 - lr * decay, param))
+        else:
+            grad = grad + self._per_model(decay, param) * param
+        state = self.state.setdefault(
+            name,
+            {
+                "exp_avg": torch.zeros_like(param),
+                "exp_avg_sq": torch.zeros_like(param),
+                "step": torch.zeros(len(self.lr), dtype=torch.float64),
+            },
+        )
+        state["step"] += self.active
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        steps = state["step"].clamp(min=1)
+        correction1 = 1 - beta1**steps
+        correction2_sqrt = (1 - beta2**steps).sqrt()
+        step_size = lr / correction1
+        denom = (state["exp_avg_sq"].sqrt() / self._per_model(correction2_sqrt, param)).add_(
+            self.eps
+        )
+        param.sub_(self._per_model(step_size, param) * (state["exp_avg"] / denom))
+
+    # --- conversion to and from each member's torch optimiser --------------------------------
+    def load_member(self, k: int, optimizer: torch.optim.Optimizer) -> None:
+        """Take member k's state from its own (loaded) torch optimiser."""
+        member = self.stack.members[k]
+        names = {id(p): name for name, p in member.named_parameters()}
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                saved = optimizer.state.get(param, {})
+                name = names[id(param)]
+                stacked = self.stack.params[name]
+                if self.kind == "sgd":
+                    buffer = saved.get("momentum_buffer")
+                    state = self.state.setdefault(
+                        name, {"momentum_buffer": torch.zeros_like(stacked)}
+                    )
+                    if buffer is not None:
+                        state["momentum_buffer"][k].copy_(buffer)
+                elif saved:
+                    state = self.state.setdefault(
+                        name,
+                        {
+                            "exp_avg": torch.zeros_like(stacked),
+                            "exp_avg_sq": torch.zeros_like(stacked),
+                            "step": torch.zeros(len(self.lr), dtype=torch.float64),
+                        },
+                    )
+                    state["exp_avg"][k].copy_(saved["exp_avg"])
+                    state["exp_avg_sq"][k].copy_(saved["exp_avg_sq"])
+                    state["step"][k] = float(saved["step"])
+
+    def export_member(self, k: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """Member k's state as its own torch optimiser's `state_dict`."""
+        member = self.stack.members[k]
+        names = {id(p): name for name, p in member.named_parameters()}
+        optimizer.state.clear()
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = self.state.get(names[id(param)])
+                if state is None:
+                    continue
+                if self.kind == "sgd":
+                    momentum = float(self.momentum[k])
+                    buffer = state["momentum_buffer"][k].clone() if momentum != 0 else None
+                    optimizer.state[param] = {"momentum_buffer": buffer}
+                elif float(state["step"][k]) > 0:
+                    optimizer.state[param] = {
+                        "step": torch.tensor(float(state["step"][k])),
+                        "exp_avg": state["exp_avg"][k].clone(),
+                        "exp_avg_sq": state["exp_avg_sq"][k].clone(),
+                    }
+        return optimizer.state_dict()
+
+
+def finite(values: Sequence[float]) -> list[bool]:
+    return [math.isfinite(v) for v in values]

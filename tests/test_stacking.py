@@ -1,0 +1,254 @@
+"""Batched training: K runs trained as one stack equal the same runs trained one at a time."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import pytest
+import torch
+
+from robustbench_mat.errors import RunFailed, RunPruned
+from robustbench_mat.registry import DATASETS, METHODS
+from robustbench_mat.runner import RunSpec, run, run_many
+from robustbench_mat.stacking import ModelStack, StackedOptimizer, why_not_stackable
+
+TOLERANCE = 1e-5
+METHOD_SETTINGS = {  # a setting of the method's own that differs between the stacked models
+    "erm": None,
+    "groupdro": ("eta", [0.01, 0.05, 0.1]),
+    "mat": ("temperature", [0.001, 0.01, 0.1]),
+    "jtt": ("upsample", [5, 20, 50]),
+    "rwg": None,
+    "subg": None,
+    "suby": None,
+    "rwy": None,
+}
+
+
+def _specs(workdir, method: str, **loop) -> list[RunSpec]:
+    """Three runs differing in lr, weight decay, momentum, seed and the method's own setting."""
+    specs = []
+    for k in range(3):
+        hparams = {
+            "lr": [3e-3, 1e-2, 3e-2][k],
+            "weight_decay": [0.0, 1e-4, 1e-3][k],
+            "momentum": [0.0, 0.5, 0.9][k],
+            "batch_size": 32,
+            **loop,
+        }
+        if METHOD_SETTINGS.get(method):
+            name, values = METHOD_SETTINGS[method]
+            hparams[name] = values[k]
+        specs.append(
+            RunSpec(
+                method=method,
+                dataset="synthetic",
+                seed=[0, 1, 0][k],
+                steps=40,
+                eval_every=10,
+                checkpoint_every=20,
+                data_params={"n": 200, "dim": 20},
+                hparams=hparams,
+                workdir=workdir,
+                show_progress=False,
+                device="cpu",
+            )
+        )
+    return specs
+
+
+def _assert_same(alone, stacked) -> None:
+    for one, other in zip(alone, stacked, strict=True):
+        assert not isinstance(other, BaseException), other
+        assert one.selected_step == other.selected_step
+        for record, twin in zip(one.history(), other.history(), strict=True):
+            assert record.keys() == twin.keys()
+            for key, value in record.items():
+                assert math.isclose(value, twin[key], abs_tol=TOLERANCE), (key, value, twin[key])
+
+
+class _Result:
+    """A run's result with its history (the run's `history.csv`)."""
+
+    def __init__(self, result, workdir) -> None:
+        import pandas as pd
+
+        self.selected_step = result.selected_step
+        [path] = (workdir / "runs").glob(f"*-{result.run_key}/history.csv")
+        self._history = pd.read_csv(path).to_dict("records")
+
+    def history(self) -> list[dict]:
+        return self._history
+
+
+def _train_both(tmp_path, method: str, **loop):
+    alone_dir, stacked_dir = tmp_path / "alone", tmp_path / "stacked"
+    alone = [_Result(run(spec), alone_dir) for spec in _specs(alone_dir, method, **loop)]
+    outcomes = run_many(_specs(stacked_dir, method, **loop))
+    stacked = [o if isinstance(o, BaseException) else _Result(o, stacked_dir) for o in outcomes]
+    return alone, stacked
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_SETTINGS))
+def test_stacked_runs_equal_runs_trained_alone(tmp_path, method):
+    alone, stacked = _train_both(tmp_path, method)
+    _assert_same(alone, stacked)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_stacked_adam_and_schedules_equal_runs_trained_alone(tmp_path, optimizer):
+    loop = {"optimizer": optimizer, "lr_schedule": "xrm-bert", "no_decay_groups": True}
+    alone, stacked = _train_both(tmp_path, "erm", **loop)
+    _assert_same(alone, stacked)
+
+
+def test_full_batch_and_linear_schedule_stack(tmp_path):
+    alone, stacked = _train_both(tmp_path, "groupdro", batch_size=0, lr_schedule="linear")
+    _assert_same(alone, stacked)
+
+
+def test_stacked_groupdro_weights_move_to_the_worst_group():
+    """The defining computation, vectorised: with equal losses but one group worse, every
+    model's weights move towards that group, by its own eta."""
+    dataset = DATASETS.get("synthetic")(n=40, dim=6)
+    methods = []
+    for eta in (0.1, 1.0):
+        hp = {**_defaults("groupdro", dataset), "eta": eta}
+        methods.append(METHODS.get("groupdro")(dataset, hp))
+    stack = ModelStack(methods)
+    x = torch.zeros(4, 6)
+    y = torch.tensor([0, 0, 1, 1])
+    a = torch.tensor([0, 1, 0, 1])
+    stack.params["model.weight"].data[:, :, :] = 0.0
+    stack.params["model.weight"].data[:, 1, 0] = 1.0  # class 1 favoured... on x = 0, no effect
+    x[:, 0] = torch.tensor([0.0, 0.0, 0.0, 5.0])  # group 3 (y=1, a=1) is fitted, the others not
+    stack.losses(torch.arange(4), x, y, a, dataset.n_attributes, per_member=False)
+    weights = stack.buffers["group_weights"]
+    ce_half, ce_fit = math.log(2), math.log(1 + math.exp(-5))
+    for row, eta in zip(weights, (0.1, 1.0), strict=True):
+        raw = torch.tensor([math.exp(eta * ce_half)] * 3 + [math.exp(eta * ce_fit)])
+        assert torch.allclose(row, raw / raw.sum(), atol=1e-6)
+    assert weights[1, 0] > weights[0, 0] > 0.25 > weights[0, 3] > weights[1, 3]
+
+
+def _defaults(method: str, dataset) -> dict:
+    from robustbench_mat.hparams import resolve
+
+    specs = METHODS.get(method).hparam_specs(dataset)
+    return resolve(specs, {}, method)
+
+
+def test_stacked_sgd_matches_torch_by_hand():
+    """One update by hand: p <- p - lr * (m * buf + g + wd * p), per model."""
+    dataset = DATASETS.get("synthetic")(n=20, dim=4)
+    methods = []
+    for lr, wd, momentum in ((0.1, 0.0, 0.0), (0.5, 0.1, 0.9)):
+        hp = {**_defaults("erm", dataset), "lr": lr, "weight_decay": wd, "momentum": momentum}
+        methods.append(METHODS.get("erm")(dataset, hp))
+    stack = ModelStack(methods)
+    optimizer = StackedOptimizer(stack)
+    weight = stack.params["model.weight"]
+    weight.data.fill_(1.0)
+    weight.grad = torch.full_like(weight, 2.0)
+    optimizer.step()
+    assert torch.allclose(weight[0], torch.full_like(weight[0], 1.0 - 0.1 * 2.0))
+    assert torch.allclose(weight[1], torch.full_like(weight[1], 1.0 - 0.5 * (2.0 + 0.1)))
+    weight.grad = torch.full_like(weight, 2.0)
+    before = weight[1].detach().clone()
+    optimizer.step()
+    buffer = 0.9 * 2.1 + (2.0 + 0.1 * before)
+    assert torch.allclose(weight[1], before - 0.5 * buffer)
+
+
+def test_a_pruned_model_stops_alone(tmp_path):
+    specs = _specs(tmp_path, "erm")
+
+    def prune(record):
+        if record["step"] >= 20:
+            raise RunPruned("pruned at step 20")
+
+    specs[1].on_evaluation = prune
+    outcomes = run_many(specs)
+    assert isinstance(outcomes[1], RunPruned)
+    alone = [run(spec) for spec in _specs(tmp_path / "alone", "erm")]
+    for k in (0, 2):
+        assert outcomes[k].final == pytest.approx(alone[k].final, abs=TOLERANCE)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("synthetic").experiment_id
+    states = {
+        r.data.tags["robustbench.state"]: r.info.status for r in client.search_runs([experiment])
+    }
+    assert states == {"finished": "FINISHED", "pruned": "KILLED"}
+    pruned = [r for r in client.search_runs([experiment]) if r.info.status == "KILLED"]
+    assert len(pruned) == 1
+
+
+def test_a_diverging_model_fails_alone(tmp_path):
+    specs = _specs(tmp_path, "erm")
+    specs[2].hparams["lr"] = 1e30
+    outcomes = run_many(specs)
+    assert isinstance(outcomes[2], RunFailed)
+    assert "loss became" in str(outcomes[2])
+    assert not isinstance(outcomes[0], BaseException)
+    assert not isinstance(outcomes[1], BaseException)
+
+
+def test_an_interrupted_stack_resumes_to_the_same_results(tmp_path):
+    """Killed mid-stack (after the step-20 checkpoints), the same runs resume from their own
+    checkpoints, stacked or alone, and end as if never interrupted."""
+    specs = _specs(tmp_path, "groupdro")
+
+    def interrupt(record):
+        if record["step"] == 30:
+            raise KeyboardInterrupt
+
+    specs[0].on_evaluation = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_many(specs)
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("synthetic").experiment_id
+    assert [r.info.status for r in client.search_runs([experiment])] == ["KILLED"] * 3
+    checkpoints = list((tmp_path / "runs").glob("*/checkpoint.pt"))
+    assert len(checkpoints) == 3
+    assert {torch.load(p, weights_only=True)["step"] for p in checkpoints} == {20}
+    resumed = run_many(_specs(tmp_path, "groupdro")[:2]) + [run(_specs(tmp_path, "groupdro")[2])]
+    uninterrupted = [run(spec) for spec in _specs(tmp_path / "clean", "groupdro")]
+    for one, other in zip(resumed, uninterrupted, strict=True):
+        assert one.final == pytest.approx(other.final, abs=TOLERANCE)
+        assert one.selected_step == other.selected_step
+
+
+def test_a_method_that_cannot_be_stacked_trains_alone_saying_so(tmp_path, capsys):
+    specs = [
+        RunSpec(
+            method="lff",
+            dataset="synthetic",
+            seed=seed,
+            steps=10,
+            eval_every=5,
+            data_params={"n": 100, "dim": 10},
+            workdir=tmp_path,
+            show_progress=False,
+            device="cpu",
+        )
+        for seed in (0, 1)
+    ]
+    outcomes = run_many(specs)
+    assert all(not isinstance(o, BaseException) for o in outcomes)
+    err = capsys.readouterr().err
+    assert err.count("lff models train one at a time here") == 1
+    alone = run(
+        RunSpec(**{**specs[1].__dict__, "workdir": tmp_path / "alone", "on_evaluation": None})
+    )
+    assert outcomes[1].final == pytest.approx(alone.final, abs=TOLERANCE)
+
+
+def test_why_not_stackable_names_the_reason():
+    dataset = DATASETS.get("synthetic")(n=20, dim=4)
+    xrm = METHODS.get("xrm-infer")(dataset, _defaults("xrm-infer", dataset))
+    assert "after_step" in why_not_stackable(xrm)
+    erm = METHODS.get("erm")(dataset, _defaults("erm", dataset))
+    assert why_not_stackable(erm) is None
+    erm.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    assert "BatchNorm1d" in why_not_stackable(erm)
