@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import only_run_dir
 
+from robustbench_mat import backbones
 from robustbench_mat.cli import main, result_table
 from robustbench_mat.runner import RunSpec, plan
 
@@ -133,6 +136,95 @@ def test_bad_input_is_a_one_line_error(case, workdir, capsys):
     assert_clean_error(capsys.readouterr(), code, expected_code, *fragments)
     assert_nothing_finished(workdir)
     assert not (workdir / "runs").exists()
+
+
+MISSING_DATA_COMMANDS = {
+    "run": ["run", "--method", "mat", "--dataset", "civilcomments"],
+    "tune": ["tune", "--method", "mat", "--dataset", "civilcomments", "--regime", "none"],
+    "reproduce": ["reproduce", "table1", "--dataset", "civilcomments"],
+}
+
+
+@pytest.fixture
+def no_backbone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if anything tries to load a text or image backbone."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"a backbone was loaded before the data was checked: {args}")
+
+    for name in ("check_text_backbone", "load_tokenizer", "text_classifier", "resnet50"):
+        monkeypatch.setattr(backbones, name, refuse)
+
+
+@pytest.mark.parametrize("command", MISSING_DATA_COMMANDS.values(), ids=MISSING_DATA_COMMANDS)
+def test_missing_data_fails_in_seconds_before_any_backbone_or_run(
+    command, workdir, tmp_path, monkeypatch, no_backbone, capsys
+):
+    monkeypatch.delenv("ROBUSTBENCH_MAT_DATA", raising=False)  # the default: ./data
+    start = time.monotonic()
+    code = main([*command, "--workdir", str(workdir)])
+    elapsed = time.monotonic() - start
+    assert_clean_error(
+        capsys.readouterr(),
+        code,
+        2,
+        "dataset civilcomments is not prepared",
+        f"looked in {tmp_path / 'data' / 'civilcomments'} for ",
+        "metadata_civilcomments_coarse.csv, civilcomments_coarse.csv",
+        "run `robustbench-mat download civilcomments --data-dir data`",
+    )
+    assert elapsed < 5, elapsed
+    assert not (workdir / "runs").exists() and not (workdir / "optuna.db").exists()
+
+
+def test_missing_data_names_only_the_files_that_are_missing(workdir, tmp_path, no_backbone, capsys):
+    data = tmp_path / "elsewhere"
+    (data / "civilcomments").mkdir(parents=True)
+    (data / "civilcomments" / "metadata_civilcomments_coarse.csv").write_text("id\n")
+    code = main([*MISSING_DATA_COMMANDS["run"], "--data-dir", str(data), "--workdir", str(workdir)])
+    err = assert_clean_error(
+        capsys.readouterr(),
+        code,
+        2,
+        f"looked in {data / 'civilcomments'} for civilcomments_coarse.csv;",
+        f"`robustbench-mat download civilcomments --data-dir {data}`",
+        f"`robustbench-mat prepare civilcomments --data-dir {data}`",
+    )
+    assert "metadata_civilcomments_coarse.csv" not in err
+
+
+def test_sweep_skips_a_dataset_without_data_at_once(workdir, no_backbone, capsys):
+    code = main(
+        ["sweep", "--methods", "erm", "--datasets", "civilcomments", "--regimes", "val-only"]
+        + ["--workdir", str(workdir), "--quiet"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "skipped erm civilcomments val-only: dataset civilcomments is not prepared" in out
+    assert "robustbench-mat download civilcomments" in out
+
+
+def test_missing_data_without_network_access_takes_seconds(workdir, tmp_path):
+    """The console script as a user runs it, with Hugging Face online (no network here: a
+    backbone lookup would retry for half a minute before failing)."""
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    start = time.monotonic()
+    completed = subprocess.run(
+        [SCRIPT, *MISSING_DATA_COMMANDS["run"], "--workdir", str(workdir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=tmp_path,
+    )
+    elapsed = time.monotonic() - start
+    assert completed.returncode == 2, completed.stderr
+    assert completed.stderr.startswith(f"{PREFIX}dataset civilcomments is not prepared")
+    assert completed.stderr.count("\n") == 1, completed.stderr
+    assert "huggingface" not in completed.stderr.lower()
+    assert elapsed < 20, elapsed
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
