@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -41,6 +42,9 @@ def predict(
 ) -> torch.Tensor:
     """Logits for every example of `split`, in dataset order, on the CPU."""
     outputs = []
+    if split.in_memory and 0 < len(split) == len(split.inputs) <= batch_size:
+        # One batch (full-batch evaluation of a small split): no slicing, no concatenation.
+        return predict_fn(split.inputs.to(device, non_blocking=True)).float().cpu()
     if split.in_memory:
         for start in range(0, len(split), batch_size):
             x = split.inputs[start : start + batch_size].to(device, non_blocking=True)
@@ -66,7 +70,41 @@ def split_metrics(
     class_names: Sequence[str],
     group_weights: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Accuracy metrics of one split from its logits (see the module docstring for the keys)."""
+    """Accuracy metrics of one split from its logits (see the module docstring for the keys).
+
+    The split's fixed structure (group ids, sizes, keys) is worked out once (`_layout`), so
+    that one evaluation is a handful of tensor operations and a single conversion to Python
+    floats; the numbers are those of `_reference_split_metrics`, bit for bit."""
+    layout = _layout(split, class_names)
+    if layout is None:
+        return _reference_split_metrics(split, logits, class_names, group_weights)
+    hits = (logits.argmax(1) == split.y).double()
+    accuracy = layout.accuracy(hits)  # the groups', then the classes'
+    parts = [accuracy, hits.mean().reshape(1)]
+    if group_weights is not None:
+        weights, total = layout.masked_weights(group_weights)
+        parts.append(((weights * accuracy[: layout.n_groups]).sum() / total).reshape(1))
+    values = torch.cat(parts).tolist()
+    metrics = {
+        layout.avg_key: values[layout.n_groups + layout.n_classes],
+        layout.wga_key: min(values[k] for k in layout.present_groups),
+        layout.worst_class_key: min(values[k] for k in layout.present_classes),
+    }
+    if group_weights is not None:
+        metrics[layout.weighted_key] = values[-1]
+    for key, k in layout.per_group_keys:
+        metrics[key] = values[k]
+    return metrics
+
+
+def _reference_split_metrics(
+    split: GroupedSplit,
+    logits: torch.Tensor,
+    class_names: Sequence[str],
+    group_weights: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """`split_metrics` computed directly: for the cases `_layout` leaves out (a split without
+    examples, labels outside the classes), and as the definition the fast path must match."""
     correct = (logits.argmax(1) == split.y).double()
     prefix = split.name
     group_acc, group_present = _group_accuracy(correct, split.eval_groups.membership)
@@ -111,11 +149,14 @@ def inferred_group_metrics(
 ) -> dict[str, float]:
     """Worst-group and per-group accuracy on inferred groups (`<split>_inferred_*`)."""
     correct = (logits.argmax(1) == y).double()
-    group_acc, present = _group_accuracy(correct, groups.membership)
-    metrics = {f"{split_name}_inferred_wga": group_acc[present].min().item()}
-    for k, name in enumerate(groups.names):
-        if present[k]:
-            metrics[f"{split_name}_inferred_group_acc.{metric_key(name)}"] = group_acc[k].item()
+    layout = _group_layout(groups.membership)
+    if not layout.present:  # nothing to take the worst of: the direct computation raises
+        group_acc, present = _group_accuracy(correct, groups.membership)
+        group_acc[present].min()
+    values = layout.accuracy(correct).tolist()
+    metrics = {f"{split_name}_inferred_wga": min(values[k] for k in layout.present)}
+    for k in layout.present:
+        metrics[f"{split_name}_inferred_group_acc.{metric_key(groups.names[k])}"] = values[k]
     return metrics
 
 
@@ -125,6 +166,170 @@ def _group_accuracy(
     counts = membership.sum(0)
     group_acc = (membership.double() * correct[:, None]).sum(0) / counts.clamp(min=1)
     return group_acc, counts > 0
+
+
+def _exclusive_ids(membership: torch.Tensor, none: int) -> torch.Tensor | None:
+    """Each example's group when no example is in two groups (`none` for one in no group),
+    else None."""
+    if membership.dtype != torch.bool or membership.ndim != 2:
+        return None
+    in_groups = membership.sum(1)
+    if not bool((in_groups <= 1).all()):
+        return None
+    if membership.shape[1] == 0:
+        return torch.full_like(in_groups, none)
+    return torch.where(in_groups == 1, membership.to(torch.uint8).argmax(1), none)
+
+
+class _GroupLayout:
+    """What one membership matrix fixes for every evaluation: each group's size, the groups
+    present and, when no example is in two groups, each example's group id (then the correct
+    predictions per group are one `bincount`, exact: sums of 0s and 1s)."""
+
+    def __init__(self, membership: torch.Tensor) -> None:
+        self.membership, self.version = membership, membership._version
+        self.n_groups = membership.shape[1]
+        self.counts = membership.sum(0)
+        self.present = (self.counts > 0).nonzero().flatten().tolist()
+        self.ids = _exclusive_ids(membership, self.n_groups)
+
+    def accuracy(self, hits: torch.Tensor) -> torch.Tensor:
+        """Accuracy per group (0 for an empty group) from 1.0/0.0 per example."""
+        if self.ids is not None:
+            correct = torch.bincount(self.ids, weights=hits, minlength=self.n_groups + 1)
+            correct = correct[: self.n_groups]
+        else:
+            correct = (self.membership.double() * hits[:, None]).sum(0)
+        return correct / self.counts.clamp(min=1)
+
+
+class _SplitLayout:
+    """A split's fixed evaluation structure: groups and classes, their sizes, the metric keys
+    in their order, and the masked training weights last used with it."""
+
+    def __init__(self, split: GroupedSplit, class_names: tuple[str, ...]) -> None:
+        self.y, self.y_version = split.y, split.y._version
+        self.class_names, self.name = class_names, split.name
+        self.group_names = tuple(split.eval_groups.names)
+        membership = split.eval_groups.membership
+        self.membership, self.version = membership, membership._version
+        self.n_groups, self.n_classes = membership.shape[1], len(class_names)
+        group_counts = membership.sum(0)
+        class_counts = torch.bincount(split.y, minlength=self.n_classes)
+        self.group_present = group_counts > 0
+        self.present_groups = self.group_present.nonzero().flatten().tolist()
+        self.present_classes = [
+            self.n_groups + c for c in (class_counts > 0).nonzero().flatten().tolist()
+        ]
+        self.denominators = torch.cat([group_counts.clamp(min=1), class_counts.clamp(min=1)])
+        # Groups in bins [0, K), classes in [K, K + C), an example in no group in bin K + C.
+        ids = _exclusive_ids(membership, self.n_groups + self.n_classes)
+        self.codes = None if ids is None else torch.cat([ids, self.n_groups + split.y])
+        prefix = split.name
+        self.avg_key, self.wga_key = f"{prefix}_avg", f"{prefix}_wga"
+        self.worst_class_key = f"{prefix}_worst_class"
+        self.weighted_key = f"{prefix}_avg_train_weighted"
+        self.per_group_keys = [
+            (f"{prefix}_group_acc.{metric_key(self.group_names[k])}", k)
+            for k in self.present_groups
+        ] + [
+            (f"{prefix}_class_acc.{metric_key(class_names[k - self.n_groups])}", k)
+            for k in self.present_classes
+        ]
+        self._weights: tuple[Any, ...] = (None, -1, None, None)
+
+    def matches(self, split: GroupedSplit, class_names: tuple[str, ...]) -> bool:
+        return (
+            self.y is split.y
+            and self.y_version == split.y._version
+            and self.membership is split.eval_groups.membership
+            and self.version == self.membership._version
+            and self.class_names == class_names
+            and self.name == split.name
+            and self.group_names == tuple(split.eval_groups.names)
+        )
+
+    def accuracy(self, hits: torch.Tensor) -> torch.Tensor:
+        """Accuracy per group, then per class (0 where empty), from 1.0/0.0 per example."""
+        bins = self.n_groups + self.n_classes
+        if self.codes is not None:
+            correct = torch.bincount(self.codes, weights=hits.repeat(2), minlength=bins + 1)
+            correct = correct[:bins]
+        else:
+            correct = torch.cat(
+                [
+                    (self.membership.double() * hits[:, None]).sum(0),
+                    torch.bincount(self.y, weights=hits, minlength=self.n_classes),
+                ]
+            )
+        return correct / self.denominators
+
+    def masked_weights(self, group_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training weights of the groups present here, and their sum."""
+        cached, version, weights, total = self._weights
+        if cached is not group_weights or version != group_weights._version:
+            weights = group_weights * self.group_present
+            total = weights.sum()
+            self._weights = (group_weights, group_weights._version, weights, total)
+        return weights, total
+
+
+class _Cache:
+    """Layouts by tensor identity (tensors compare elementwise), each entry dropped when its
+    tensor is garbage collected."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, Any]] = {}
+
+    def get(self, tensor: torch.Tensor) -> Any:
+        entry = self._entries.get(id(tensor))
+        return entry[1] if entry is not None and entry[0]() is tensor else None
+
+    def put(self, tensor: torch.Tensor, value: Any) -> None:
+        key = id(tensor)
+
+        def drop(ref: weakref.ref, entries: dict = self._entries) -> None:
+            if key in entries and entries[key][0] is ref:
+                del entries[key]
+
+        self._entries[key] = (weakref.ref(tensor, drop), value)
+
+
+_LAYOUTS = _Cache()
+_GROUP_LAYOUTS = _Cache()
+
+
+def _group_layout(membership: torch.Tensor) -> _GroupLayout:
+    layout = _GROUP_LAYOUTS.get(membership)
+    if layout is None or layout.version != membership._version:
+        layout = _GroupLayout(membership)
+        _GROUP_LAYOUTS.put(membership, layout)
+    return layout
+
+
+def _layout(split: GroupedSplit, class_names: Sequence[str]) -> _SplitLayout | None:
+    """The split's layout, made on first use; None where the direct computation must run (no
+    example in any group or class, or labels outside the classes)."""
+    class_names = tuple(class_names)
+    membership = split.eval_groups.membership
+    layout = _LAYOUTS.get(membership)
+    if isinstance(layout, _SplitLayout) and layout.matches(split, class_names):
+        return layout
+    y = split.y
+    usable = (
+        y.ndim == 1
+        and len(y) > 0
+        and not y.is_floating_point()
+        and int(y.min()) >= 0
+        and int(y.max()) < len(class_names)
+        and membership.ndim == 2
+        and membership.shape[0] == len(y)
+        and bool(membership.any())
+    )
+    layout = _SplitLayout(split, class_names) if usable else None
+    if layout is not None:
+        _LAYOUTS.put(membership, layout)
+    return layout
 
 
 VALIDATION_CRITERIA = (

@@ -10,7 +10,10 @@ import torch
 from robustbench_mat.data import EvalGroups, GroupedSplit
 from robustbench_mat.errors import UserError
 from robustbench_mat.evaluation import (
+    _group_accuracy,
+    _reference_split_metrics,
     check_criterion,
+    inferred_group_metrics,
     is_better,
     metric_key,
     predict,
@@ -137,6 +140,80 @@ def test_absent_class_is_excluded_from_worst_class():
     metrics = split_metrics(split, logits_for(split.y, [1, 1, 0]), CLASSES)
     assert "val_class_acc.y0" not in metrics
     assert metrics["val_worst_class"] == pytest.approx(2 / 3)
+
+
+def _random_split(generator: torch.Generator, kind: str) -> tuple[GroupedSplit, tuple]:
+    n = int(torch.randint(1, 60, (1,), generator=generator))
+    n_groups = int(torch.randint(1, 7, (1,), generator=generator))
+    n_classes = int(torch.randint(1, 5, (1,), generator=generator))
+    if kind == "overlapping":
+        membership = torch.rand(n, n_groups, generator=generator) < 0.4
+    else:
+        ids = torch.randint(0, n_groups, (n,), generator=generator)
+        membership = torch.zeros(n, n_groups, dtype=torch.bool)
+        in_a_group = torch.ones(n, dtype=torch.bool)
+        if kind == "some in none":
+            in_a_group = torch.rand(n, generator=generator) < 0.7
+        membership[torch.arange(n)[in_a_group], ids[in_a_group]] = True
+    y = torch.randint(0, n_classes, (n,), generator=generator)
+    names = tuple(f"g{k}/x" for k in range(n_groups))
+    groups = EvalGroups(names, membership)
+    split = GroupedSplit("val", torch.zeros(n, 1), y, torch.zeros(n, dtype=torch.long), 2, groups)
+    return split, tuple(f"c{k}" for k in range(n_classes))
+
+
+def _outcome(function, *args):
+    try:
+        return function(*args)
+    except Exception as error:  # the same error type is part of the same behaviour
+        return type(error)
+
+
+def _direct_inferred(logits: torch.Tensor, split: GroupedSplit) -> dict[str, float]:
+    correct = (logits.argmax(1) == split.y).double()
+    accuracy, present = _group_accuracy(correct, split.eval_groups.membership)
+    expected = {"val_inferred_wga": accuracy[present].min().item()}
+    for k, name in enumerate(split.eval_groups.names):
+        if present[k]:
+            expected[f"val_inferred_group_acc.{metric_key(name)}"] = accuracy[k].item()
+    return expected
+
+
+@pytest.mark.parametrize("kind", ["one group each", "some in none", "overlapping"])
+def test_fast_metrics_equal_the_direct_computation_bit_for_bit(kind):
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        split, classes = _random_split(generator, kind)
+        n_groups = split.eval_groups.membership.shape[1]
+        weights = torch.rand(n_groups, generator=generator, dtype=torch.float64)
+        for group_weights in (None, weights / weights.sum()):
+            for _ in range(2):  # the second call uses the cached layout
+                logits = torch.randn(len(split.y), len(classes), generator=generator)
+                fast = _outcome(split_metrics, split, logits, classes, group_weights)
+                direct = _outcome(_reference_split_metrics, split, logits, classes, group_weights)
+                assert fast == direct
+                if isinstance(fast, dict):
+                    assert list(fast) == list(direct)  # the same key order (history.csv columns)
+                    assert all(type(value) is float for value in fast.values())
+                inferred = _outcome(
+                    inferred_group_metrics, "val", logits, split.y, split.eval_groups
+                )
+                assert inferred == _outcome(_direct_inferred, logits, split)
+
+
+def test_metrics_follow_labels_changed_in_place_and_reject_empty_splits():
+    split = grouped("val", [0, 0, 2, 3])
+    logits = logits_for(split.y, [1, 1, 1, 1])
+    assert split_metrics(split, logits, CLASSES)["val_avg"] == 1.0
+    split.y[0] = 1  # the cached layout must not outlive a change of the labels
+    changed = split_metrics(split, logits, CLASSES)
+    assert changed == _reference_split_metrics(split, logits, CLASSES)
+    assert changed["val_avg"] == 0.75
+    none = torch.zeros(0, dtype=torch.long)
+    no_groups = EvalGroups(GROUPS, torch.zeros(0, 4, dtype=torch.bool))
+    empty = GroupedSplit("val", torch.zeros(0, 1), none, none, 2, no_groups)
+    with pytest.raises(RuntimeError):
+        split_metrics(empty, torch.zeros(0, 2), CLASSES)
 
 
 def test_metric_keys_are_mlflow_safe():
