@@ -162,6 +162,68 @@ class PatientClient:
         return call
 
 
+def _sql_store(client: Any) -> Any:
+    """The SQL store behind `client` (a `PatientClient`), or None for any other store."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        store = client._client._tracking_client.store
+    except Exception:  # another MLflow layout: use the public API
+        return None
+    return store if isinstance(store, SqlAlchemyStore) else None
+
+
+def _insert_metrics(client: Any, run_id: str, metrics: list[Any]) -> bool:
+    """Insert `metrics` into a SQL store in one statement and one transaction, keeping the
+    run's latest values up to date the way `log_batch` does: what MLflow's own `log_batch`
+    writes, without building one ORM object per value (about 0.2 ms each, most of the time
+    of logging a run's history). Returns False, having written nothing, whenever the public
+    `log_batch` must do it instead: another store, a value it would refuse, a duplicate
+    (which it skips), a locked store (which `PatientClient` waits out), or an MLflow whose
+    internals differ from those of the versions this was written against (2.12 to 3.x)."""
+    store = _sql_store(client)
+    if store is None:
+        return False
+    try:
+        import sqlalchemy
+        from mlflow.store.tracking.dbmodels.models import SqlMetric
+        from mlflow.utils.validation import _validate_metric
+
+        rows, seen, latest = [], set(), {}
+        for metric in metrics:
+            key, step, timestamp = metric.key, metric.step, metric.timestamp
+            _validate_metric(key, metric.value, timestamp, step)
+            is_nan, value = store.sanitize_metric_value(metric.value)
+            identity = (key, value, timestamp, step, is_nan)
+            if identity in seen:  # log_batch logs a repeated value once
+                continue
+            seen.add(identity)
+            row = {
+                "run_uuid": run_id,
+                "key": key,
+                "value": value,
+                "timestamp": timestamp,
+                "step": step,
+                "is_nan": is_nan,
+            }
+            rows.append(row)
+            order = (step, timestamp, value)
+            if key not in latest or order > latest[key][0]:
+                latest[key] = (order, row)
+        try:
+            transaction = store.ManagedSessionMaker(read_only=False)
+        except TypeError:  # MLflow before 2.20: every session may write
+            transaction = store.ManagedSessionMaker()
+        with transaction as session:
+            store._check_run_is_active(store._get_run(run_uuid=run_id, session=session))
+            session.execute(sqlalchemy.insert(SqlMetric), rows)
+            newest = [SqlMetric(**row) for _, row in latest.values()]
+            store._update_latest_metrics_if_necessary(newest, session)
+    except Exception:  # rolled back: nothing was written
+        return False
+    return True
+
+
 STORE_PATIENCE = "ROBUSTBENCH_MAT_STORE_PATIENCE"
 DEFAULT_PATIENCE = 120.0
 
@@ -251,6 +313,8 @@ class Tracker:
             for key, value in record.items()
             if isinstance(value, (int, float)) and key != "step"
         ]
+        if len(metrics) > 1 and _insert_metrics(self.client, run_id, metrics):
+            return
         for start in range(0, len(metrics), 1000):
             self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
 

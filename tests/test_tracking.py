@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import mlflow
 import pandas as pd
 import pytest
+import sqlalchemy
 from helpers import only_run_dir
 from mlflow import MlflowClient
+from mlflow.entities import Metric
 
+from robustbench_mat import tracking
 from robustbench_mat.provenance import package_version
 from robustbench_mat.runner import RunSpec, run
 from robustbench_mat.tracking import TAGS, Tracker, resolve_workdir, tracking_uri
@@ -191,6 +195,57 @@ def test_tracker_buffers_history_until_flush(workdir):
     assert "history/note" not in tracker.client.get_run(run_id).data.metrics
     tracker.flush()  # nothing pending: nothing logged twice
     assert len(tracker.client.get_metric_history(run_id, "history/val_wga")) == 1
+
+
+def _stored_metrics(tracker):
+    """Every metric row and latest value of the store, without the timestamps."""
+    store = tracker.client._client._tracking_client.store
+    with store.ManagedSessionMaker() as session:
+        return [
+            sorted(session.execute(sqlalchemy.text(f"SELECT {columns} FROM {table}")).all())
+            for table, columns in (
+                ("metrics", "run_uuid, key, value, step, is_nan"),
+                ("latest_metrics", "run_uuid, key, value, step, is_nan"),
+            )
+        ]
+
+
+def test_history_is_inserted_in_one_statement_as_log_batch_would(tmp_path, monkeypatch):
+    def history(first, last):
+        return [
+            (step, {"val_wga": step % 7 / 7, "nan": math.nan, "inf": math.inf, "text": "t"})
+            for step in range(first, last)
+        ]
+
+    stored = []
+    for fast in (True, False):
+        if not fast:
+            monkeypatch.setattr(tracking, "_insert_metrics", lambda *args: False)
+        tracker = Tracker(tmp_path / str(fast))
+        run_id = tracker.start("toy", "history", {}, {}, run_id=None)
+        tracker.log_many(run_id, history(1, 60), "history/")
+        tracker.log_many(run_id, history(20, 30), "history/")  # older steps: latest stays
+        tracker.log_many(run_id, [(3, {"a": 1.0}), (3, {"a": 1.0})])  # logged once
+        tracker.log_metrics(run_id, {"val_wga": 0.5}, step=100)
+        rows = _stored_metrics(tracker)
+        stored.append([[(r[1:]) for r in table] for table in rows])  # run ids differ
+        last = tracker.client.get_run(run_id).data.metrics
+        assert last["history/val_wga"] == 59 % 7 / 7 and last["a"] == 1.0
+    assert stored[0] == stored[1]
+    assert len(stored[0][0]) == (59 + 10) * 3 + 1 + 1
+
+
+def test_history_falls_back_to_log_batch_on_a_duplicate(workdir, monkeypatch):
+    tracker = Tracker(workdir)
+    run_id = tracker.start("toy", "duplicate", {}, {})
+    monkeypatch.setattr(tracking.time, "time", lambda: 1000.0)  # the same timestamps twice
+    records = [(step, {"val_wga": 0.5}) for step in range(1, 11)]
+    tracker.log_many(run_id, records, "history/")
+    assert not tracking._insert_metrics(
+        tracker.client, run_id, [Metric("history/val_wga", 0.5, 1_000_000, 1)] * 2
+    )  # an exact duplicate of a stored value: left to log_batch, which skips it
+    tracker.log_many(run_id, records, "history/")
+    assert len(tracker.client.get_metric_history(run_id, "history/val_wga")) == 10
 
 
 def test_workdir_resolution(monkeypatch, tmp_path):
