@@ -106,9 +106,10 @@ class GroupDRO(Method):
     def loss(self, batch: Batch) -> torch.Tensor:
         losses = F.cross_entropy(self.model(batch.x), batch.y, reduction="none").float()
         groups = self.train_group_ids(batch)
-        # Sums per group as a product with the one-hot membership (not bincount/index_add_), so
+        # Sums per group as a product with the membership matrix (not bincount/index_add_), so
         # that the same code runs vectorised over stacked models (`stacking`).
-        membership = F.one_hot(groups, self.group_weights.shape[-1]).to(losses.dtype)
+        every_group = torch.arange(self.group_weights.shape[-1], device=groups.device)
+        membership = (groups[:, None] == every_group).to(losses.dtype)
         group_loss = losses @ membership / membership.sum(0).clamp(min=1)
         if self.hp["generalization_adjustment"] > 0:
             group_loss = group_loss + self.adjustment().to(group_loss.device)

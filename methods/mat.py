@@ -34,7 +34,10 @@ def calibrated_log_prior(
     """
     with torch.no_grad(), torch.autocast(heldout_logits.device.type, enabled=False):
         p_heldout = F.softmax(heldout_logits.float() / temperature, dim=1)
-        joint = p_heldout.T @ F.one_hot(y, n_classes).float() / len(y)
+        # The one-hot labels as a comparison (F.one_hot checks its input with .item(), which
+        # vectorised training over stacked models cannot run).
+        labels = (y[:, None] == torch.arange(n_classes, device=y.device)).float()
+        joint = p_heldout.T @ labels / len(y)
         row_mass = joint.sum(dim=1, keepdim=True)
         conditional = torch.where(row_mass > 0, joint / row_mass.clamp(min=1e-30), 0.0)
         return torch.log(p_heldout @ conditional + LOG_EPSILON)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 from robustbench_mat.method import NO_DECAY, Batch, Method
 
@@ -103,12 +103,11 @@ class ModelStack:
         base = self.members[0]
         self._hook = _Hook(base)
         named = [dict(m.named_parameters()) for m in self.members]
-        self.params = {
-            name: torch.stack([n[name].detach() for n in named]).requires_grad_(p.requires_grad)
-            for name, p in named[0].items()
-        }
+        trained = {name for name, p in named[0].items() if p.requires_grad}
+        self.params = {name: torch.stack([n[name].detach() for n in named]) for name in named[0]}
         buffers = [dict(m.named_buffers()) for m in self.members]
         self.buffers = {name: torch.stack([b[name] for b in buffers]) for name in buffers[0]}
+        self.trained = [name for name in self.params if name in trained]
         varying = [name for name in varying_settings(base) if name not in LOOP_VARYING]
         self.shared_hp = {k: v for k, v in base.hp.items() if k not in varying}
         device = next(iter(self.params.values())).device
@@ -134,7 +133,7 @@ class ModelStack:
         finally:
             base.hp = original
 
-    def losses(
+    def losses_and_gradients(
         self,
         indices: torch.Tensor,
         x: torch.Tensor,
@@ -142,19 +141,24 @@ class ModelStack:
         a: torch.Tensor | None,
         n_attributes: int,
         per_member: bool,
-    ) -> torch.Tensor:
-        """The K losses of one step; the batch is the same for all models unless `per_member`
-        (then every tensor has a leading dimension K)."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The K losses of one step and the gradients of each model's trained parameters.
+        The batch is the same for all models unless `per_member` (then every tensor has a
+        leading dimension K). `vmap(grad)` keeps shared inputs unexpanded, so that a linear
+        layer's weight gradients are one matrix product for all K models."""
+        trained = {name: self.params[name] for name in self.trained}
+        frozen = {name: t for name, t in self.params.items() if name not in trained}
 
-        def one(params, buffers, hp, indices, x, y, a):
+        def one(trained, others, hp, indices, x, y, a):
             batch = Batch(indices, x, y, a, n_attributes)
-            return self._call({**params, **buffers}, hp, "loss", batch)
+            return self._call({**trained, **others}, hp, "loss", batch)
 
         data_dim = 0 if per_member else None
         in_dims = (0, 0, 0, data_dim, data_dim, data_dim, None if a is None else data_dim)
-        return vmap(one, in_dims=in_dims)(
-            self.params, self.buffers, self.varying_hp, indices, x, y, a
+        gradients, losses = vmap(grad_and_value(one), in_dims=in_dims)(
+            trained, {**frozen, **self.buffers}, self.varying_hp, indices, x, y, a
         )
+        return losses, gradients
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,10 +178,6 @@ class ModelStack:
         for name, tensor in member.named_buffers():
             tensor.copy_(self.buffers[name][k])
         return member
-
-    def zero_grad(self) -> None:
-        for tensor in self.params.values():
-            tensor.grad = None
 
 
 class StackedOptimizer:
@@ -212,32 +212,46 @@ class StackedOptimizer:
         return values.reshape(shape).to(device=like.device, dtype=like.dtype)
 
     @torch.no_grad()
-    def step(self, lr_scale: torch.Tensor | None = None) -> None:
+    def step(
+        self, gradients: dict[str, torch.Tensor], lr_scale: torch.Tensor | None = None
+    ) -> None:
+        """One update of every trained parameter from its stacked gradient."""
         self.steps += 1
         lr = self.lr * self.active
         if lr_scale is not None:
             lr = lr * lr_scale
-        for name, param in self.stack.params.items():
-            if param.grad is None:
-                continue
-            decay = (
-                torch.zeros_like(self.weight_decay) if name in self.exempt else self.weight_decay
-            )
+        for name, grad in gradients.items():
+            param = self.stack.params[name]
+            exempt = name in self.exempt
+            decay = torch.zeros_like(self.weight_decay) if exempt else self.weight_decay
             if self.kind == "sgd":
-                self._sgd(name, param, lr, decay)
+                self._sgd(name, param, grad, lr, decay)
             else:
-                self._adam(name, param, lr, decay)
+                self._adam(name, param, grad, lr, decay)
 
-    def _sgd(self, name: str, param: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor) -> None:
-        grad = param.grad + self._per_model(decay, param) * param
+    def _sgd(
+        self,
+        name: str,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        lr: torch.Tensor,
+        decay: torch.Tensor,
+    ) -> None:
+        grad = grad + self._per_model(decay, param) * param
         state = self.state.setdefault(name, {"momentum_buffer": torch.zeros_like(param)})
         buffer = state["momentum_buffer"]
         buffer.mul_(self._per_model(self.momentum, param)).add_(grad)
         param.sub_(self._per_model(lr, param) * buffer)
 
-    def _adam(self, name: str, param: torch.Tensor, lr: torch.Tensor, decay: torch.Tensor) -> None:
+    def _adam(
+        self,
+        name: str,
+        param: torch.Tensor,
+        grad: torch.Tensor,
+        lr: torch.Tensor,
+        decay: torch.Tensor,
+    ) -> None:
         beta1, beta2 = self.betas
-        grad = param.grad
         if self.kind == "adamw":
             param.mul_(self._per_model(1 - lr * decay, param))
         else:

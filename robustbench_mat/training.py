@@ -549,6 +549,9 @@ class _Stacked:
         self.x, self.y, self.a = (t.to(self.device) for t in (train.inputs, train.y, train.a))
         schedules = [m.schedule for m in models]
         self.shared = all(_same_schedule(schedules[0], other) for other in schedules[1:])
+        self.full_x = None  # a shared full batch is gathered once, not at every step
+        if self.shared and first.schedule.full_batch:
+            self.full_x = self.x[first.schedule.pool.to(self.device)]
         self._logits: dict[tuple[int, str], torch.Tensor] = {}
 
     def steps(self, start: int, stop: int) -> Iterator[list[float]]:
@@ -563,22 +566,21 @@ class _Stacked:
             else:
                 idx = torch.stack([m.schedule.indices(step - 1) for m in models]).to(self.device)
             a = self.a[idx] if show_groups else None
+            x = self.full_x if self.full_x is not None else self.x[idx]
             with _autocast(self.device):
-                losses = stack.losses(
-                    idx, self.x[idx], self.y[idx], a, first.dataset.n_attributes, not self.shared
+                losses, gradients = stack.losses_and_gradients(
+                    idx, x, self.y[idx], a, first.dataset.n_attributes, not self.shared
                 )
             values = losses.tolist()
             for k, value in enumerate(values):
                 if not math.isfinite(value):
                     optimizer.active[k] = 0.0
-            stack.zero_grad()
-            losses.sum().backward()
             scale = None
             if scheduled:
                 scale = torch.tensor(
                     [s.get_last_lr()[0] / s.base_lrs[0] for s in schedulers], dtype=torch.float64
                 )
-            optimizer.step(scale)
+            optimizer.step(gradients, scale)
             if scheduled:
                 with warnings.catch_warnings():  # the members' own optimisers never step
                     warnings.filterwarnings(

@@ -123,7 +123,7 @@ def test_stacked_groupdro_weights_move_to_the_worst_group():
     stack.params["model.weight"].data[:, :, :] = 0.0
     stack.params["model.weight"].data[:, 1, 0] = 1.0  # class 1 favoured... on x = 0, no effect
     x[:, 0] = torch.tensor([0.0, 0.0, 0.0, 5.0])  # group 3 (y=1, a=1) is fitted, the others not
-    stack.losses(torch.arange(4), x, y, a, dataset.n_attributes, per_member=False)
+    stack.losses_and_gradients(torch.arange(4), x, y, a, dataset.n_attributes, per_member=False)
     weights = stack.buffers["group_weights"]
     ce_half, ce_fit = math.log(2), math.log(1 + math.exp(-5))
     for row, eta in zip(weights, (0.1, 1.0), strict=True):
@@ -150,13 +150,11 @@ def test_stacked_sgd_matches_torch_by_hand():
     optimizer = StackedOptimizer(stack)
     weight = stack.params["model.weight"]
     weight.data.fill_(1.0)
-    weight.grad = torch.full_like(weight, 2.0)
-    optimizer.step()
+    optimizer.step({"model.weight": torch.full_like(weight, 2.0)})
     assert torch.allclose(weight[0], torch.full_like(weight[0], 1.0 - 0.1 * 2.0))
     assert torch.allclose(weight[1], torch.full_like(weight[1], 1.0 - 0.5 * (2.0 + 0.1)))
-    weight.grad = torch.full_like(weight, 2.0)
     before = weight[1].detach().clone()
-    optimizer.step()
+    optimizer.step({"model.weight": torch.full_like(weight, 2.0)})
     buffer = 0.9 * 2.1 + (2.0 + 0.1 * before)
     assert torch.allclose(weight[1], before - 0.5 * buffer)
 
