@@ -298,7 +298,17 @@ def train_jobs(
             outcomes[index] = error
     for group in _stacks(models):
         try:
-            _loop(group)
+            try:
+                _loop(group)
+            except _NotVectorisable as refusal:  # found at the first step: nothing has changed
+                print(
+                    f"robustbench-mat: {type(group[0].method).name} models train one at a time "
+                    f"here (its hooks cannot be vectorised: {refusal})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                for model in group:
+                    _loop([model])
         except Exception as error:
             if len(jobs) == 1:
                 raise
@@ -567,10 +577,15 @@ class _Stacked:
                 idx = torch.stack([m.schedule.indices(step - 1) for m in models]).to(self.device)
             a = self.a[idx] if show_groups else None
             x = self.full_x if self.full_x is not None else self.x[idx]
-            with _autocast(self.device):
-                losses, gradients = stack.losses_and_gradients(
-                    idx, x, self.y[idx], a, first.dataset.n_attributes, not self.shared
-                )
+            try:
+                with _autocast(self.device):
+                    losses, gradients = stack.losses_and_gradients(
+                        idx, x, self.y[idx], a, first.dataset.n_attributes, not self.shared
+                    )
+            except RuntimeError as error:  # e.g. `.item()` or an `if` on a tensor in a hook
+                if step == start + 1 and "vmap" in str(error):
+                    raise _NotVectorisable(first_line(error)) from error
+                raise
             values = losses.tolist()
             for k, value in enumerate(values):
                 if not math.isfinite(value):
@@ -619,6 +634,10 @@ class _Stacked:
 
     def optimizer_state(self, model: _Model) -> dict[str, Any]:
         return self.optimizer.export_member(self.models.index(model), model.optimizer)
+
+
+class _NotVectorisable(Exception):
+    """A stack's hooks failed under `vmap` at its first step."""
 
 
 def _same_schedule(one: BatchSchedule, other: BatchSchedule) -> bool:

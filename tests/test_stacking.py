@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from robustbench_mat.errors import RunFailed, RunPruned
-from robustbench_mat.registry import DATASETS, METHODS
+from robustbench_mat.method import Method
+from robustbench_mat.registry import DATASETS, METHODS, register_method
 from robustbench_mat.runner import RunSpec, run, run_many
 from robustbench_mat.stacking import ModelStack, StackedOptimizer, why_not_stackable
 
@@ -250,3 +251,21 @@ def test_why_not_stackable_names_the_reason():
     assert why_not_stackable(erm) is None
     erm.model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
     assert "BatchNorm1d" in why_not_stackable(erm)
+
+
+@register_method("test-item-in-loss")
+class ItemInLoss(Method):
+    """ERM whose loss reads a value with `.item()`, which vmap cannot run."""
+
+    def loss(self, batch):
+        loss = self.dataset.loss(self.model(batch.x), batch.y)
+        return loss * (2.0 if loss.item() > 100 else 1.0)
+
+
+def test_hooks_that_cannot_be_vectorised_fall_back_to_one_at_a_time(tmp_path, capsys):
+    """Its models train alone, with one line saying so, and end as they would have alone."""
+    outcomes = run_many(_specs(tmp_path, "test-item-in-loss"))
+    assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
+    assert capsys.readouterr().err.count("cannot be vectorised") == 1
+    alone = run(_specs(tmp_path / "alone", "test-item-in-loss")[2])
+    assert outcomes[2].final == pytest.approx(alone.final, abs=TOLERANCE)
