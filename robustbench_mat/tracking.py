@@ -17,7 +17,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -103,9 +103,41 @@ def ensure_store(uri: str, default_artifact_root: str | None) -> None:
         creating = path.with_name(f".{path.name}.creating")
         creating.unlink(missing_ok=True)
         _quiet_mlflow_logs()
-        store = SqlAlchemyStore(f"sqlite:///{creating}", default_artifact_root or "./mlruns")
-        store.engine.dispose()
+        with _unsynced_sqlite(creating):
+            store = SqlAlchemyStore(f"sqlite:///{creating}", default_artifact_root or "./mlruns")
+            store.engine.dispose()
+        with open(creating, "rb+") as file:  # durable before it takes the store's name
+            os.fsync(file.fileno())
         os.replace(creating, path)
+
+
+@contextlib.contextmanager
+def _unsynced_sqlite(path: Path) -> Iterator[None]:
+    """While the schema of a new store is made in the temporary file `path`, sqlite neither
+    syncs nor journals it to disk: MLflow's migrations commit dozens of times, and each sync
+    cost (measured on a 2-core VM) about 60 ms, 2.5 of the 3.3 s of creating a store. The file
+    is synced once, whole, before it is renamed into place; a crash before that leaves only the
+    temporary file, which the next attempt deletes."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    target = os.path.realpath(path)
+
+    def on_connect(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        try:
+            files = [row[2] for row in cursor.execute("PRAGMA database_list")]
+            if files and files[0] and os.path.realpath(files[0]) == target:
+                cursor.execute("PRAGMA synchronous = OFF")
+                cursor.execute("PRAGMA journal_mode = MEMORY")
+        finally:
+            cursor.close()
+
+    event.listen(Engine, "connect", on_connect)
+    try:
+        yield
+    finally:
+        event.remove(Engine, "connect", on_connect)
 
 
 def _quiet_mlflow_logs() -> None:

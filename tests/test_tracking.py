@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 
 import mlflow
 import pandas as pd
@@ -246,6 +247,30 @@ def test_history_falls_back_to_log_batch_on_a_duplicate(workdir, monkeypatch):
     )  # an exact duplicate of a stored value: left to log_batch, which skips it
     tracker.log_many(run_id, records, "history/")
     assert len(tracker.client.get_metric_history(run_id, "history/val_wga")) == 10
+
+
+def test_a_new_store_is_made_unsynced_then_synced_and_renamed(tmp_path, monkeypatch):
+    listened = []
+    real_listen = sqlalchemy.event.listen
+
+    def listen(target, name, function, *args, **kwargs):
+        if target is sqlalchemy.engine.Engine and name == "connect":
+            listened.append(function)
+        real_listen(target, name, function, *args, **kwargs)
+
+    monkeypatch.setattr(sqlalchemy.event, "listen", listen)
+    tracker = Tracker(tmp_path / "work")
+    assert tracker.experiment_id("toy")
+    assert not (tmp_path / "work" / ".mlflow.db.creating").exists()
+    # The creation's connection hook is gone: the store itself syncs and journals as usual.
+    assert listened
+    assert not any(
+        sqlalchemy.event.contains(sqlalchemy.engine.Engine, "connect", f) for f in listened
+    )
+    with sqlite3.connect(tmp_path / "work" / "mlflow.db") as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
+    assert {"runs", "metrics", "latest_metrics", "alembic_version"} <= tables
 
 
 def test_workdir_resolution(monkeypatch, tmp_path):
