@@ -40,7 +40,7 @@ def configurations(trials: int, batch_sizes: tuple[int, ...]) -> list[dict]:
     rng = random.Random(0)
     return [
         {
-            "lr": 10 ** rng.uniform(-4, -1),
+            "lr": 10 ** rng.uniform(-3, -1),
             "weight_decay": 10 ** rng.uniform(-6, -3),
             "batch_size": rng.choice(batch_sizes),
         }

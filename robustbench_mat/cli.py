@@ -394,6 +394,14 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
             "and network allow it (default 1)",
         )
         sub.add_argument(
+            "--checkpoint-seconds",
+            type=_finite_float(positive=False),
+            default=60.0,
+            metavar="S",
+            help="write a trial's checkpoint at most every S seconds (default 60; 0: at every "
+            "evaluation); an interrupted trial resumes from its last one",
+        )
+        sub.add_argument(
             "--launcher",
             default="local",
             choices=("local", "slurm", "submitit-local"),
@@ -447,6 +455,7 @@ def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str 
         prune=args.prune,
         workers=args.workers,
         parallel_trials=args.parallel_trials,
+        checkpoint_seconds=args.checkpoint_seconds,
         launcher=args.launcher,
         slurm=parse_assignments(args.slurm, "--slurm"),
         stale_after=args.stale_after,

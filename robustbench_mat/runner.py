@@ -71,6 +71,7 @@ class RunSpec:
     steps: int | None = None
     eval_every: int | None = None
     checkpoint_every: int | None = None
+    checkpoint_seconds: float = 0.0  # see LoopSettings; never changes the numbers
     device: str = "auto"
     hparams: dict[str, Any] = field(default_factory=dict)
     data_params: dict[str, Any] = field(default_factory=dict)
@@ -654,6 +655,7 @@ def _prepare(run_: _Started) -> None:
         steps=the_plan.main_steps,
         eval_every=the_plan.eval_every,
         checkpoint_every=the_plan.checkpoint_every,
+        checkpoint_seconds=spec.checkpoint_seconds,
         seed=spec.seed,
         device=the_plan.device,
         criterion=the_plan.criterion,

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import sys
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -140,6 +141,10 @@ class LoopSettings:
     criterion: str
     train_groups_visible: bool
     checkpoint_every: int | None = None
+    # A checkpoint due less than this many seconds after the previous one is skipped (the last
+    # step always checkpoints): small models that train in seconds need not write at every
+    # evaluation. 0 writes every one.
+    checkpoint_seconds: float = 0.0
     evaluate_train: bool = False
     show_progress: bool = True
     description: str = "training"
@@ -671,6 +676,7 @@ def _loop(models: list[_Model]) -> None:
         leave=True,
     )
     checkpoint_every = settings.checkpoint_every or settings.eval_every
+    written = time.monotonic()
 
     def evaluate(model: _Model, step: int, mean_loss: float | None) -> None:
         stepper.sync(model)
@@ -700,6 +706,11 @@ def _loop(models: list[_Model]) -> None:
         for step, values in enumerate(stepper.steps(first.start, stop), start=first.start + 1):
             bar.update(1)
             last = step == settings.steps
+            scheduled = step % checkpoint_every == 0
+            if scheduled and time.monotonic() - written < settings.checkpoint_seconds:
+                scheduled = False
+            elif scheduled:
+                written = time.monotonic()
             for model, value in zip(models, values, strict=True):
                 if not model.training:
                     continue
@@ -710,7 +721,7 @@ def _loop(models: list[_Model]) -> None:
                 if step % settings.eval_every == 0 or last or model.stopped:
                     evaluate(model, step, model.loss_sum / model.loss_count)
                     model.loss_sum, model.loss_count = 0.0, 0
-                if model.error is None and (step % checkpoint_every == 0 or last or model.stopped):
+                if model.error is None and (scheduled or last or model.stopped):
                     stepper.sync(model)
                     model.checkpoint(step, stepper.optimizer_state(model))
                 if model.stopped:

@@ -73,6 +73,9 @@ class TuneSpec:
     prune: bool = True
     workers: int = 1
     parallel_trials: int = 1  # trials each worker asks for at once and trains stacked
+    # Trials and seed runs checkpoint at most this often: a trial of a small model takes
+    # seconds, and writing at every evaluation cost more than its training.
+    checkpoint_seconds: float = 60.0
     launcher: str = "local"
     slurm: dict[str, str] = field(default_factory=dict)
     stale_after: float = 600.0
@@ -92,6 +95,7 @@ class TuneSpec:
             criterion=self.criterion,
             steps=self.steps,
             eval_every=self.eval_every,
+            checkpoint_seconds=self.checkpoint_seconds,
             device=self.device,
             hparams={**hparams, **self.hparams},
             data_params=dict(self.data_params),

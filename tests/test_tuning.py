@@ -177,6 +177,8 @@ def test_kill_9_mid_trial_then_the_same_command_completes_exactly(workdir: Path)
         "1500",
         "--eval-every",
         "100",
+        "--checkpoint-seconds",
+        "0",
         "--no-prune",
         "--quiet",
         "--workdir",
