@@ -9,13 +9,21 @@ produced final runs for the same (method, dataset, regime), the most recent stud
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.resources import files
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from tabulate import tabulate
 
 from robustbench_mat.tracking import TAGS
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from mlflow.entities import Run
+
+    from robustbench_mat.tracking import Tracker
 
 REGIMES = {"full": ("✓", "✓"), "val-only": ("✗", "✓"), "none": ("✗", "✗")}
 AVERAGES = {
@@ -50,11 +58,13 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
         "study",
         "criterion",
         "protocol",
+        "steps",
         "run_id",
         "end_time",
         "test_avg",
         "test_wga",
         "test_avg_train_weighted",
+        "trials",
     ]
     if runs.empty:
         return pd.DataFrame(columns=columns)
@@ -67,6 +77,7 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
             "study": runs["tags.robustbench.study"],
             "criterion": runs[f"tags.{TAGS.CRITERION}"],
             "protocol": _tag_or(runs, TAGS.PROTOCOL, "default"),
+            "steps": _param_or_nan(runs, "steps"),
             "run_id": runs["run_id"],
             "end_time": runs["end_time"],
         }
@@ -74,7 +85,32 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
     for metric in ("test_avg", "test_wga", "test_avg_train_weighted"):
         column = f"metrics.{metric}"
         table[metric] = runs[column] if column in runs else float("nan")
+    counts = trial_counts(tracking_uri)
+    table["trials"] = table["study"].map(counts).astype("Int64")
     return table
+
+
+def trial_counts(tracking_uri: str) -> dict[str, int]:
+    """The number of finished (complete or pruned) trial runs that MLflow holds per study."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    runs = mlflow.search_runs(
+        search_all_experiments=True,
+        filter_string="tags.`robustbench.trial` != ''",
+    )
+    state = f"tags.{TAGS.STATE}"
+    if runs.empty or state not in runs or "tags.robustbench.study" not in runs:
+        return {}
+    done = runs[runs[state].isin(("finished", "pruned"))]
+    return done.groupby("tags.robustbench.study")["run_id"].nunique().to_dict()
+
+
+def _param_or_nan(runs: pd.DataFrame, name: str) -> pd.Series:
+    column = f"params.{name}"
+    if column not in runs:
+        return pd.Series(float("nan"), index=runs.index)
+    return pd.to_numeric(runs[column], errors="coerce")
 
 
 def _tag_or(runs: pd.DataFrame, tag: str, default: str) -> pd.Series:
@@ -107,6 +143,8 @@ def aggregate(runs: pd.DataFrame, average: str = "plain") -> pd.DataFrame:
             "wga": grouped["test_wga"].mean() * 100,
             "wga_std": grouped["test_wga"].std(ddof=1) * 100,
             "seeds": grouped["seed"].nunique(),
+            "steps": grouped["steps"].max().astype("Int64"),
+            "trials": grouped["trials"].max(),
             "criterion": grouped["criterion"].agg(lambda c: ", ".join(sorted(set(c)))),
         }
     ).reset_index()
@@ -149,6 +187,7 @@ class Leaderboard:
     cells: pd.DataFrame
     datasets: list[str]
     average: str
+    published_datasets: list[str] = field(default_factory=list)
 
     def header(self) -> str:
         criteria = sorted({c for c in self.cells["criterion"].dropna() if c})
@@ -156,15 +195,25 @@ class Leaderboard:
             f"Test accuracy in %, mean ± std over seeds (number of seeds), of the final runs "
             f"recorded in MLflow. avg: {AVERAGES[self.average][1]}; wga: worst-group accuracy. "
             f"Selection criteria: {', '.join(criteria) or 'none'}. tr / va: group labels used "
-            f"in training / in validation. Best measured value per column in bold; rows marked "
-            f"'published' are the MAT paper's Table 1 (not measured here)."
+            f"in training / in validation. budget: training steps per run, tuning trials, "
+            f"seeds and protocol of each measured row. Best measured value per column in bold; "
+            f"rows marked 'published' are the MAT paper's Table 1 (not measured here)."
         )
 
+    def published_note(self) -> str:
+        """Which datasets the shipped published numbers cover, and which shown ones they miss."""
+        note = f"published numbers (MAT paper Table 1) for: {', '.join(self.published_datasets)}"
+        missing = [d for d in self.datasets if d not in self.published_datasets]
+        return note + (f"; none for: {', '.join(missing)}" if missing else "")
+
     def rows(self, style: str) -> tuple[list[str], list[list[str]]]:
+        """Column names and one list of cell texts per (regime, method, source) row."""
         headers = ["tr", "va", "method"]
         for dataset in self.datasets:
             headers += [f"{dataset} avg", f"{dataset} wga"]
         measured = self.cells[self.cells.source == "measured"]
+        if not measured.empty:
+            headers.append("budget")
         best = {
             (dataset, metric): measured.loc[measured.dataset == dataset, metric].max()
             for dataset in self.datasets
@@ -175,42 +224,107 @@ class Leaderboard:
         keys = keys.assign(
             _regime=keys.regime.map(order), _published=keys.source != "measured"
         ).sort_values(["_regime", "_published", "method"])
+        marks = _LATEX_MARKS if style == "latex" else REGIMES
         rows = []
         for regime, method, source in keys[["regime", "method", "source"]].itertuples(index=False):
             label = method if source == "measured" else f"{method} (published)"
-            row = [*REGIMES[regime], label]
+            row = [*marks[regime], label]
+            mine = self.cells[
+                (self.cells.regime == regime)
+                & (self.cells.method == method)
+                & (self.cells.source == source)
+            ]
             for dataset in self.datasets:
-                cell = self.cells[
-                    (self.cells.regime == regime)
-                    & (self.cells.method == method)
-                    & (self.cells.source == source)
-                    & (self.cells.dataset == dataset)
-                ]
+                cell = mine[mine.dataset == dataset]
                 for metric in ("avg", "wga"):
                     row.append(_cell(cell, metric, style, best[(dataset, metric)]))
+            if not measured.empty:
+                row.append(_budget(mine, style))
             rows.append(row)
         return headers, rows
 
     def render(self, style: str = "markdown") -> str:
+        """The table as `style` (one of FORMATS): csv has one line per (row, dataset) cell."""
+        if style not in FORMATS:
+            raise ValueError(f"unknown format {style!r}; valid: {', '.join(FORMATS)}")
         if style == "csv":
             return self.cells.to_csv(index=False)
         headers, rows = self.rows(style)
-        tablefmt = {"markdown": "github", "html": "unsafehtml", "latex": "latex_raw"}[style]
+        if style == "latex":
+            return self._latex(headers, rows)
+        tablefmt = {"markdown": "github", "html": "unsafehtml"}[style]
         return tabulate(rows, headers=headers, tablefmt=tablefmt, disable_numparse=True)
+
+    def _latex(self, headers: list[str], rows: list[list[str]]) -> str:
+        """A booktabs tabular, one column group per dataset, text cells escaped by pandas."""
+        columns = [("", "tr"), ("", "va"), ("", "method")]
+        columns += [(d, m) for d in self.datasets for m in ("avg", "wga")]
+        columns += [("", name) for name in headers[len(columns) :]]  # the budget, if any
+        frame = pd.DataFrame(rows, columns=pd.MultiIndex.from_tuples(columns))
+        text = [c for c in columns if c[1] in ("method", "budget")]
+        styler = (
+            frame.style.hide(axis="index")
+            .format(escape="latex", subset=text)
+            .format_index(escape="latex", axis=1)
+        )
+        latex = styler.to_latex(
+            hrules=True,
+            multicol_align="c",
+            column_format="ccl"
+            + "rr" * len(self.datasets)
+            + "l" * (len(columns) - 3 - 2 * len(self.datasets)),
+        )
+        # A rule under each dataset's name, as booktabs tables have it.
+        rules = " ".join(
+            f"\\cmidrule(lr){{{4 + 2 * i}-{5 + 2 * i}}}" for i in range(len(self.datasets))
+        )
+        head, end, body = latex.partition("\\\\\n")
+        latex = head + end + (rules + "\n" if rules else "") + body
+        return LATEX_PREAMBLE + latex.rstrip("\n")
+
+
+LATEX_PREAMBLE = "% needs \\usepackage{booktabs} and \\usepackage{amssymb} (for \\checkmark)\n"
+_LATEX_MARKS = {
+    regime: tuple("$\\checkmark$" if mark == "✓" else "\\texttimes" for mark in marks)
+    for regime, marks in REGIMES.items()
+}
 
 
 def _cell(cell: pd.DataFrame, metric: str, style: str, best: float) -> str:
     if cell.empty or pd.isna(cell[metric].iloc[0]):
-        return "–"
+        return "--" if style == "latex" else "–"
     row = cell.iloc[0]
     text = f"{row[metric]:.1f}"
     if not pd.isna(row[f"{metric}_std"]):
-        text += f" ± {row[f'{metric}_std']:.1f}"
+        text += (" $\\pm$ " if style == "latex" else " ± ") + f"{row[f'{metric}_std']:.1f}"
     if row["source"] == "measured":
         text += f" ({row['seeds']})"
         if row[metric] == best:
             text = _BOLD[style].format(text)
     return text
+
+
+def budget_text(cell: pd.Series) -> str:
+    """`500 steps, 8 trials, 3 seeds, default` for one measured cell (`?` where unrecorded)."""
+
+    def known(value: object) -> str:
+        return "?" if pd.isna(value) else str(int(value))
+
+    return (
+        f"{known(cell.get('steps'))} steps, {known(cell.get('trials'))} trials, "
+        f"{known(cell.get('seeds'))} seeds, {cell.get('protocol')}"
+    )
+
+
+def _budget(cells: pd.DataFrame, style: str) -> str:
+    """A row's budget: one text when every dataset had the same, else one per dataset."""
+    measured = cells[cells.source == "measured"]
+    if measured.empty:
+        return "--" if style == "latex" else "–"
+    texts = {row.dataset: budget_text(row) for _, row in measured.iterrows()}
+    if len(set(texts.values())) == 1:
+        return next(iter(texts.values()))
+    return "; ".join(f"{dataset}: {text}" for dataset, text in texts.items())
 
 
 def build(
@@ -219,12 +333,19 @@ def build(
     with_published: bool = False,
     datasets: list[str] | None = None,
 ) -> Leaderboard:
+    """The leaderboard of the final runs in `tracking_uri`; `with_published` adds the paper's
+    rows and, unless `datasets` is given, a column for every dataset they cover."""
     cells = aggregate(final_runs(tracking_uri), average)
-    chosen = datasets or sorted(cells["dataset"].unique())
+    chosen = list(datasets or sorted(cells["dataset"].unique()))
+    covered: list[str] = []
     if with_published:
         extra = published()
+        covered = sorted(extra.dataset.unique())
+        if not datasets:
+            chosen += [d for d in covered if d not in chosen]
         cells = pd.concat([cells, extra[extra.dataset.isin(chosen)]], ignore_index=True)
-    return Leaderboard(cells[cells.dataset.isin(chosen)].reset_index(drop=True), chosen, average)
+    cells = cells[cells.dataset.isin(chosen)].reset_index(drop=True)
+    return Leaderboard(cells, chosen, average, covered)
 
 
 def bar_chart(board: Leaderboard, path) -> None:
@@ -252,27 +373,69 @@ def bar_chart(board: Leaderboard, path) -> None:
     plt.close(figure)
 
 
+WORKDIR_TAG = "robustbench.workdir"
+
+
 def record(board: Leaderboard, workdir, text: str) -> tuple[str, str]:
     """Write `<workdir>/leaderboard/LEADERBOARD.md` and the bar chart, and log both as the
-    artifacts of a run of the MLflow experiment `leaderboard`; returns (path, run id)."""
+    artifacts of the work directory's one run of the MLflow experiment `leaderboard`, created
+    on the first call and updated (artifacts replaced, tags rewritten) on every later one;
+    returns (path, run id)."""
+    from datetime import datetime, timezone
     from pathlib import Path
+
+    from filelock import FileLock
 
     from robustbench_mat.tracking import Tracker
 
-    folder = Path(workdir) / "leaderboard"
+    workdir = Path(workdir)
+    folder = workdir / "leaderboard"
     folder.mkdir(parents=True, exist_ok=True)
     markdown = folder / "LEADERBOARD.md"
     markdown.write_text(f"# Leaderboard\n\n{board.header()}\n\n{text}\n")
     chart = folder / "worst_group_accuracy.png"
     bar_chart(board, chart)
-    tracker = Tracker(Path(workdir))
-    run_id = tracker.start(
-        "leaderboard",
-        "leaderboard",
-        {TAGS.KIND: "leaderboard"},
-        {"average": board.average, "datasets": " ".join(board.datasets)},
-    )
-    for path in (markdown, chart):
-        tracker.log_artifact(run_id, path)
-    tracker.end(run_id, "finished")
+    tracker = Tracker(workdir)
+    with FileLock(folder / ".run.lock"):  # two calls at once still share one run
+        existing = leaderboard_run(tracker, workdir)
+        calls = 1
+        if existing is None:
+            run_id = tracker.start(
+                "leaderboard",
+                "leaderboard",
+                {TAGS.KIND: "leaderboard", WORKDIR_TAG: str(workdir)},
+                {},
+            )
+        else:
+            run_id = tracker.start(
+                "leaderboard", "leaderboard", {}, {}, run_id=existing.info.run_id
+            )
+            calls = int(existing.data.tags.get("robustbench.calls", "0") or 0) + 1
+        tracker.set_tags(
+            run_id,
+            {
+                "robustbench.average": board.average,
+                "robustbench.datasets": " ".join(board.datasets),
+                "robustbench.calls": calls,
+                "robustbench.updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        for path in (markdown, chart):
+            tracker.log_artifact(run_id, path)
+        tracker.end(run_id, "finished")
     return str(markdown), run_id
+
+
+def leaderboard_run(tracker: Tracker, workdir: Path) -> Run | None:
+    """The work directory's leaderboard run (the oldest, should there be several), or None."""
+    experiment = tracker.client.get_experiment_by_name("leaderboard")
+    if experiment is None:
+        return None
+    runs = tracker.client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{TAGS.KIND}` = 'leaderboard'",
+        order_by=["attributes.start_time ASC"],
+        max_results=1000,
+    )
+    mine = [run for run in runs if run.data.tags.get(WORKDIR_TAG) == str(workdir)]
+    return mine[0] if mine else None

@@ -252,14 +252,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tuning_commands(commands)
     board = commands.add_parser("leaderboard", help="the table of final runs, from MLflow")
     board.add_argument("--workdir", help="as for `run`")
-    board.add_argument("--format", default="markdown", choices=("markdown", "html", "latex", "csv"))
+    board.add_argument(
+        "--format",
+        default="markdown",
+        choices=("markdown", "html", "latex", "csv"),
+        help="markdown (default) prints the notes and the table; html, latex and csv print only "
+        "the table on stdout (notes on stderr), so `> FILE` works",
+    )
     board.add_argument(
         "--out", help="also write the table to this file (missing folders are created)"
     )
     board.add_argument(
         "--published",
         action="store_true",
-        help="add the MAT paper's published rows, marked as such",
+        help="add the MAT paper's published rows, marked as such, with a column for each "
+        "dataset they cover (unless --datasets is given); says which on stderr",
     )
     board.add_argument(
         "--average",
@@ -280,18 +287,24 @@ def command_leaderboard(args: argparse.Namespace) -> int:
 
     workdir = resolve_workdir(args.workdir)
     board = build(tracking_uri(workdir), args.average, args.published, args.datasets)
+    # Only markdown, the default, mixes notes and table on stdout: the others are for `> FILE`.
+    notes = sys.stdout if args.format == "markdown" else sys.stderr
+    if args.published:
+        print(board.published_note(), file=sys.stderr)
     if board.cells.empty:
         raise UserError(
             f"no finished final runs in {tracking_uri(workdir)}; run `robustbench-mat tune` or "
             "`sweep` first (plain `run`s and tuning trials are not on the leaderboard)"
         )
-    text = board.render(args.format)
+    text = board.render(args.format).rstrip("\n")
     if args.out:
         _write_out(Path(args.out), text + "\n")
-    print(board.header() + "\n")
+    print(board.header() + "\n", file=notes)
     print(text)
     path, run_id = record(board, workdir, board.render("markdown"))
-    print(f"\nwritten to {path}; logged as MLflow run {run_id} (experiment 'leaderboard')")
+    print(
+        f"\nwritten to {path}; logged as MLflow run {run_id} (experiment 'leaderboard')", file=notes
+    )
     return 0
 
 

@@ -77,6 +77,10 @@ def test_every_cell_matches_mlflow(swept: Path) -> None:
             assert cell[f"{metric}_std"] == pytest.approx(values.std(ddof=1))
             assert f"{values.mean():.1f} ± {values.std(ddof=1):.1f} (3)" in markdown
         assert cell["seeds"] == 3
+        # The budget, read from what `tune` recorded: the runs' steps param, the study's
+        # trial runs and its final seed runs.
+        assert (cell["steps"], cell["trials"], cell["protocol"]) == (30, 2, "default")
+    assert markdown.count("30 steps, 2 trials, 3 seeds, default") == 3
     best = cells["wga"].max()
     assert re.search(rf"\*\*{best:.1f} ± [0-9.]+ \(3\)\*\*", markdown)
 
