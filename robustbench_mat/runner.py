@@ -628,6 +628,7 @@ def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
             protocol=spec.protocol,
             data_dir=spec.data_dir,
             workdir=the_plan.workdir,
+            checkpoint_seconds=spec.checkpoint_seconds,
             kind="group-inference",
             show_progress=spec.show_progress,
             num_workers=spec.num_workers,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import socket
 import statistics
@@ -494,7 +495,7 @@ def _run_trials(
             "robustbench.trial": trial.number,
         }
         run_spec = spec.run_spec(dict(trial.params), spec.trial_seed, "trial", tags)
-        run_spec.on_evaluation = _reporter(trial, criterion)
+        run_spec.on_evaluation = _reporter(trial, criterion, spec.stale_after)
         specs.append(run_spec)
     outcomes = run_many(specs) if len(specs) > 1 else [_outcome(run, specs[0])]
     failure = None
@@ -519,11 +520,20 @@ def _run_trials(
         raise failure
 
 
-def _reporter(trial: optuna.Trial, criterion: str) -> Callable[[dict[str, Any]], None]:
-    """Reports each evaluation to Optuna and stops the trial's model when it is pruned."""
+def _reporter(
+    trial: optuna.Trial, criterion: str, stale_after: float
+) -> Callable[[dict[str, Any]], None]:
+    """Reports each evaluation to Optuna and stops the trial's model when it is pruned. The
+    trial's sign of life ("alive") is written at most every `stale_after / 4` seconds (one
+    database commit fewer per evaluation of a fast trial)."""
+    every = min(60.0, stale_after / 4)
+    last_sign = [-math.inf]
 
     def report(record: dict[str, Any]) -> None:
-        trial.set_user_attr("alive", time.time())
+        now = time.time()
+        if now - last_sign[0] >= every:
+            trial.set_user_attr("alive", now)
+            last_sign[0] = now
         trial.report(record[criterion], record["step"])
         if trial.should_prune():
             raise RunPruned(f"trial {trial.number} pruned at step {record['step']}")
