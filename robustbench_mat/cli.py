@@ -289,8 +289,6 @@ def command_leaderboard(args: argparse.Namespace) -> int:
     board = build(tracking_uri(workdir), args.average, args.published, args.datasets)
     # Only markdown, the default, mixes notes and table on stdout: the others are for `> FILE`.
     notes = sys.stdout if args.format == "markdown" else sys.stderr
-    if args.published:
-        print(board.published_note(), file=sys.stderr)
     if board.cells.empty:
         raise UserError(
             f"no finished final runs in {tracking_uri(workdir)}; run `robustbench-mat tune` or "
@@ -299,6 +297,8 @@ def command_leaderboard(args: argparse.Namespace) -> int:
     text = board.render(args.format).rstrip("\n")
     if args.out:
         _write_out(Path(args.out), text + "\n")
+    if args.published:  # after any error, which stays one line
+        print(board.published_note(), file=sys.stderr)
     print(board.header() + "\n", file=notes)
     print(text)
     path, run_id = record(board, workdir, board.render("markdown"))

@@ -8,6 +8,7 @@ import io
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -247,3 +248,22 @@ def test_each_work_directory_has_its_own_leaderboard_run(
     runs = client.search_runs([client.get_experiment_by_name("leaderboard").experiment_id])
     calls = {r.data.tags["robustbench.workdir"]: r.data.tags["robustbench.calls"] for r in runs}
     assert calls == {str(workdir): "2", str(other): "1"}
+
+
+def test_redirected_stdout_of_a_fresh_process_is_only_the_csv(tmp_path: Path) -> None:
+    """`> FILE` as a user types it: a new process on a work directory without a store (whose
+    creation MLflow logs) still writes nothing but the table to stdout."""
+    table = tmp_path / "published.csv"
+    with table.open("w") as stdout:
+        done = subprocess.run(
+            [sys.executable, "-m", "robustbench_mat.cli", "leaderboard", "--published"]
+            + ["--format", "csv", "--workdir", str(tmp_path / "fresh")],
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 0, done.stderr
+    cells = pd.read_csv(table)
+    assert len(cells) == len(published()) and set(cells.source) == set(published().source)
+    assert f"published numbers (MAT paper Table 1) for: {PAPER_DATASETS}" in done.stderr
