@@ -203,13 +203,24 @@ class StackedOptimizer:
             for name in stack.params
             if hps[0].get("no_decay_groups") and any(part in name for part in NO_DECAY)
         }
+        self._zero = torch.zeros_like(self.weight_decay)
+        self._converted: dict[tuple[Any, ...], torch.Tensor] = {}
         self.steps = 0
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.betas, self.eps = (0.9, 0.999), 1e-8
 
     def _per_model(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`values` (one per model) shaped to broadcast over `like`, in its dtype; the fixed
+        settings are converted once."""
+        fixed = values is self.momentum or values is self.weight_decay or values is self._zero
+        key = (id(values), like.dim(), like.dtype, like.device)
+        if fixed and key in self._converted:
+            return self._converted[key]
         shape = (-1, *([1] * (like.dim() - 1)))
-        return values.reshape(shape).to(device=like.device, dtype=like.dtype)
+        converted = values.reshape(shape).to(device=like.device, dtype=like.dtype)
+        if fixed:
+            self._converted[key] = converted
+        return converted
 
     @torch.no_grad()
     def step(
@@ -223,7 +234,7 @@ class StackedOptimizer:
         for name, grad in gradients.items():
             param = self.stack.params[name]
             exempt = name in self.exempt
-            decay = torch.zeros_like(self.weight_decay) if exempt else self.weight_decay
+            decay = self._zero if exempt else self.weight_decay
             if self.kind == "sgd":
                 self._sgd(name, param, grad, lr, decay)
             else:
@@ -238,8 +249,9 @@ class StackedOptimizer:
         decay: torch.Tensor,
     ) -> None:
         grad = grad + self._per_model(decay, param) * param
-        state = self.state.setdefault(name, {"momentum_buffer": torch.zeros_like(param)})
-        buffer = state["momentum_buffer"]
+        if name not in self.state:
+            self.state[name] = {"momentum_buffer": torch.zeros_like(param)}
+        buffer = self.state[name]["momentum_buffer"]
         buffer.mul_(self._per_model(self.momentum, param)).add_(grad)
         param.sub_(self._per_model(lr, param) * buffer)
 
