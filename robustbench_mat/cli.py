@@ -230,9 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="list the methods and datasets with where they come from")
     _add_show_command(commands)
     experiment = commands.add_parser(
-        "experiment", help="reproduce a figure of the MAT paper (figure1, figure3)"
+        "experiment",
+        help="reproduce a figure of the MAT paper (figure1, figure3), or measure what methods "
+        "memorize (memorization)",
     )
-    experiment.add_argument("name", choices=("figure1", "figure3"))
+    experiment.add_argument("name", choices=("figure1", "figure3", "memorization"))
     experiment.add_argument(
         "--seeds",
         type=SEED,
@@ -248,6 +250,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the PNG files (the table is still written)",
     )
     experiment.add_argument("--quiet", action="store_true", help="no progress bars")
+    memorization = experiment.add_argument_group(
+        "memorization", "self-influence of every training example (Feldman & Zhang 2020)"
+    )
+    memorization.add_argument("--dataset", help="memorization: the dataset")
+    memorization.add_argument(
+        "--methods", nargs="+", default=["erm", "mat"], help="memorization: default erm mat"
+    )
+    memorization.add_argument(
+        "--models", type=POSITIVE, default=64, help="memorization: models per method (64)"
+    )
+    memorization.add_argument(
+        "--fraction",
+        type=_finite_float(positive=True),
+        default=0.5,
+        help="memorization: share of the training set each model trains on (0.5)",
+    )
+    memorization.add_argument(
+        "--seed", type=SEED, default=0, help="memorization: subsets and models' seeds (0)"
+    )
+    memorization.add_argument("--regime", help="memorization: as for `run`")
+    memorization.add_argument("--steps", type=POSITIVE, help="memorization: as for `run`")
+    memorization.add_argument(
+        "--set", dest="hparams", action="extend", nargs="+", metavar="KEY=VALUE"
+    )
+    memorization.add_argument(
+        "--data", dest="data_params", action="extend", nargs="+", metavar="KEY=VALUE"
+    )
+    memorization.add_argument("--data-dir", help="memorization: as for `run`")
     _add_data_commands(commands)
     _add_tuning_commands(commands)
     board = commands.add_parser("leaderboard", help="the table of final runs, from MLflow")
@@ -651,6 +681,8 @@ def command_experiment(args: argparse.Namespace) -> int:
     from robustbench_mat.tracking import resolve_workdir
 
     workdir = resolve_workdir(args.workdir)
+    if args.name == "memorization":
+        return _memorization(args, workdir)
     if args.name == "figure1":
         from robustbench_mat.experiments.figure1 import run_figure1
 
@@ -663,6 +695,31 @@ def command_experiment(args: argparse.Namespace) -> int:
         table, out = run_figure3(
             args.seeds or [123], workdir, args.device, args.plot, not args.quiet
         )
+    print(table)
+    print(f"written to {out}; summary logged to MLflow experiment 'experiments'")
+    return 0
+
+
+def _memorization(args: argparse.Namespace, workdir) -> int:
+    from robustbench_mat.experiments.memorization import MemorizationSettings, run_memorization
+
+    if args.dataset is None:
+        raise UserError("experiment memorization needs --dataset (e.g. --dataset synthetic)")
+    settings = MemorizationSettings(
+        dataset=args.dataset,
+        methods=args.methods,
+        models=args.models,
+        fraction=args.fraction,
+        seed=args.seed,
+        regime=args.regime,
+        steps=args.steps,
+        hparams=parse_assignments(args.hparams, "--set"),
+        data_params=parse_assignments(args.data_params, "--data"),
+        data_dir=args.data_dir,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    table, out = run_memorization(settings, workdir)
     print(table)
     print(f"written to {out}; summary logged to MLflow experiment 'experiments'")
     return 0

@@ -72,6 +72,10 @@ class RunSpec:
     eval_every: int | None = None
     checkpoint_every: int | None = None
     checkpoint_seconds: float = 0.0  # see LoopSettings; never changes the numbers
+    # Train on a random subset of the training split: round(train_fraction * n) examples drawn
+    # without replacement by `train_subset_seed` (the memorization experiment).
+    train_fraction: float | None = None
+    train_subset_seed: int = 0
     device: str = "auto"
     hparams: dict[str, Any] = field(default_factory=dict)
     data_params: dict[str, Any] = field(default_factory=dict)
@@ -145,8 +149,14 @@ class RunPlan:
                 "inferrer": self.inferrer,
                 "inference": self.inference_settings(),
                 "stop_loss": self.spec.stop_loss,
+                **self._subset_key(),
             }
         )
+
+    def _subset_key(self) -> dict[str, Any]:
+        if self.spec.train_fraction is None:
+            return {}  # runs on the whole training split keep the keys they always had
+        return {"train_subset": [self.spec.train_fraction, self.spec.train_subset_seed]}
 
     @property
     def run_dir(self) -> Path:
@@ -175,6 +185,14 @@ class RunPlan:
             "torch_version": torch.__version__,
             **{f"data.{k}": v for k, v in self.dataset.config.items()},
             **{f"inference.{k}": v for k, v in (self.inference_settings() or {}).items()},
+            **(
+                {}
+                if self.spec.train_fraction is None
+                else {
+                    "train_fraction": self.spec.train_fraction,
+                    "train_subset_seed": self.spec.train_subset_seed,
+                }
+            ),
         }
 
     def inference_settings(self) -> dict[str, Any] | None:
@@ -360,6 +378,15 @@ def plan(spec: RunSpec) -> RunPlan:
             f"{method_cls.name!r} with {criterion!r} infers none"
         )
     return the_plan
+
+
+def random_subset(n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of round(fraction * n) of n examples, drawn without replacement."""
+    if not 0 < fraction <= 1:
+        raise UserError(f"a training fraction must be in (0, 1], got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    size = max(1, round(fraction * n))
+    return torch.sort(torch.randperm(n, generator=generator)[:size]).values
 
 
 def _first_set(*values: Any) -> Any:
@@ -657,6 +684,11 @@ def _prepare(run_: _Started) -> None:
         eval_every=the_plan.eval_every,
         checkpoint_every=the_plan.checkpoint_every,
         checkpoint_seconds=spec.checkpoint_seconds,
+        train_subset=None
+        if spec.train_fraction is None
+        else random_subset(
+            len(the_plan.dataset.split("train")), spec.train_fraction, spec.train_subset_seed
+        ),
         seed=spec.seed,
         device=the_plan.device,
         criterion=the_plan.criterion,

@@ -145,6 +145,9 @@ class LoopSettings:
     # step always checkpoints): small models that train in seconds need not write at every
     # evaluation. 0 writes every one.
     checkpoint_seconds: float = 0.0
+    # Train on these training examples only (indices into the training split; the memorization
+    # experiment's random subsets); the method's own subset, if any, is restricted to them.
+    train_subset: torch.Tensor | None = None
     evaluate_train: bool = False
     show_progress: bool = True
     description: str = "training"
@@ -384,11 +387,15 @@ class _Model:
             raise UserError(
                 f"class_balanced needs classes; {dataset.name} is a {dataset.task} task"
             )
+        subset = method.train_subset(self.train_split)
+        if settings.train_subset is not None:
+            kept = settings.train_subset
+            subset = kept if subset is None else subset[torch.isin(subset, kept)]
         self.schedule = BatchSchedule(
             len(self.train_split),
             int(method.hp["batch_size"]),
             settings.seed,
-            subset=method.train_subset(self.train_split),
+            subset=subset,
             weights=method.train_weights(self.train_split),
             class_labels=self.train_split.y if method.hp.get("class_balanced") else None,
         )
@@ -564,9 +571,13 @@ class _Stacked:
         self.x, self.y, self.a = (t.to(self.device) for t in (train.inputs, train.y, train.a))
         schedules = [m.schedule for m in models]
         self.shared = all(_same_schedule(schedules[0], other) for other in schedules[1:])
-        self.full_x = None  # a shared full batch is gathered once, not at every step
+        # Full batches are gathered once, not at every step (one per model unless shared).
+        self.full_x = self.full_idx = None
         if self.shared and first.schedule.full_batch:
             self.full_x = self.x[first.schedule.pool.to(self.device)]
+        elif all(s.full_batch for s in schedules):
+            self.full_idx = torch.stack([s.pool for s in schedules]).to(self.device)
+            self.full_x = self.x[self.full_idx]
         self._logits: dict[tuple[int, str], torch.Tensor] = {}
 
     def steps(self, start: int, stop: int) -> Iterator[list[float]]:
@@ -578,6 +589,8 @@ class _Stacked:
         for step in range(start + 1, stop + 1):
             if self.shared:
                 idx = first.schedule.indices(step - 1).to(self.device)
+            elif self.full_idx is not None:
+                idx = self.full_idx
             else:
                 idx = torch.stack([m.schedule.indices(step - 1) for m in models]).to(self.device)
             a = self.a[idx] if show_groups else None
