@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -56,6 +57,53 @@ def _finite_float(positive: bool = False) -> Callable[[str], float]:
         return value
 
     return convert
+
+
+class _Deprecated(argparse.Action):
+    """An old spelling of an option: stores its value and says on stderr, in one line, which
+    spelling replaces it."""
+
+    def __init__(self, option_strings: list[str], dest: str, use: str, **kwargs) -> None:
+        self.use = use
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        command = parser.prog.removeprefix("robustbench-mat ")
+        print(
+            f"robustbench-mat: warning: `{command} {option_string}` is deprecated; use {self.use}",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+# The selection criteria of evaluation.VALIDATION_CRITERIA and .PER_GROUP_CRITERIA (which import
+# torch, so not at start-up; tests/test_cli.py checks that the lists agree).
+CRITERIA = (
+    "val_wga",
+    "val_worst_class",
+    "val_avg",
+    "val_avg_train_weighted",
+    "val_inferred_wga",
+    "val_mse",
+)
+CRITERION_PREFIXES = ("val_group_acc.", "val_class_acc.", "val_inferred_group_acc.")
+CRITERIA_TEXT = ", ".join(CRITERIA) + ", or " + ", ".join(p + "<group>" for p in CRITERION_PREFIXES)
+CRITERION_HELP = (
+    f"model selection criterion, a validation metric: {CRITERIA_TEXT} (default: the regime's, "
+    "val_wga in full and val-only, val_inferred_wga in none; val_mse for regression)"
+)
+
+
+def _criterion(text: str) -> str:
+    """An argparse type: a selection criterion the evaluator produces."""
+    if text in CRITERIA or any(text.startswith(p) and text != p for p in CRITERION_PREFIXES):
+        return text
+    if not text.startswith("val_"):
+        why = "must be a validation metric (selecting on train or test data is not model selection)"
+    else:
+        close = difflib.get_close_matches(text, CRITERIA, n=1)
+        why = "unknown criterion" + (f" (did you mean {close[0]}?)" if close else "")
+    raise argparse.ArgumentTypeError(f"{why}: {text!r}; valid: {CRITERIA_TEXT}")
 
 
 # Seeds: numpy's seed range, which training.seed_everything and the datasets accept unchanged.
@@ -131,7 +179,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="annotation regime: full (groups in train and val), val-only, none; "
         "default full for methods that need training groups, else val-only",
     )
-    parser.add_argument("--criterion", help="model selection criterion (default: the regime's)")
+    parser.add_argument("--criterion", type=_criterion, help=CRITERION_HELP)
     parser.add_argument("--steps", type=POSITIVE, help="training steps (default: the dataset's)")
     parser.add_argument("--eval-every", type=POSITIVE, help="steps between evaluations")
     parser.add_argument("--checkpoint-every", type=POSITIVE, help="steps between checkpoints")
@@ -180,11 +228,21 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="discard a finished or interrupted run with the same settings",
     )
     parser.add_argument(
-        "--workers",
+        "--loader-workers",
         type=NON_NEGATIVE,
         default=0,
         dest="num_workers",
-        help="data-loading worker processes for on-disk datasets",
+        metavar="N",
+        help="data-loading worker processes for on-disk datasets (default 0)",
+    )
+    parser.add_argument(
+        "--workers",
+        action=_Deprecated,
+        use="--loader-workers N",
+        type=NON_NEGATIVE,
+        dest="num_workers",
+        default=argparse.SUPPRESS,
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -390,9 +448,23 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
             "--trials", type=POSITIVE, help="finished trials (default 20; --grid paper: its 10)"
         )
         sub.add_argument(
-            "--seeds", type=POSITIVE, default=3, help="how many seeds re-run the best settings"
+            "--n-seeds",
+            dest="seeds",
+            type=POSITIVE,
+            default=3,
+            metavar="N",
+            help="how many seeds (0..N-1) re-run the best settings (default 3)",
         )
-        sub.add_argument("--criterion", help="selection criterion (default: the regime's)")
+        sub.add_argument(
+            "--seeds",
+            action=_Deprecated,
+            use="--n-seeds N",
+            type=POSITIVE,
+            dest="seeds",
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
+        sub.add_argument("--criterion", type=_criterion, help=CRITERION_HELP)
         sub.add_argument("--steps", type=POSITIVE, help="training steps per run")
         sub.add_argument("--eval-every", type=POSITIVE, help="steps between evaluations")
         sub.add_argument("--device", default="auto", help="auto, cpu or cuda")

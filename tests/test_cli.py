@@ -446,7 +446,7 @@ SWEEP = ["sweep", "--methods", "erm", "--datasets", "synthetic"]
         (["--sampler-seed", "-3"], f"argument --sampler-seed: {SEED_RANGE}, got '-3'"),
         (["--sampler-seed", "1" * 20], f"argument --sampler-seed: {SEED_RANGE}"),
         (["--trials", "0"], "argument --trials: must be an integer >= 1, got '0'"),
-        (["--seeds", "-2"], "argument --seeds: must be an integer >= 1, got '-2'"),
+        (["--n-seeds", "-2"], "argument --n-seeds: must be an integer >= 1, got '-2'"),
         (["--workers", "0"], "argument --workers: must be an integer >= 1, got '0'"),
         (["--steps", "0"], "argument --steps: must be an integer >= 1, got '0'"),
         (["--eval-every", "-5"], "argument --eval-every: must be an integer >= 1, got '-5'"),
@@ -464,7 +464,7 @@ def test_tuning_numbers_out_of_range_are_one_line_errors(command, args, fragment
 @pytest.mark.parametrize(
     ("flag", "value", "fragment"),
     [
-        ("--workers", "-1", "argument --workers: must be an integer >= 0, got '-1'"),
+        ("--loader-workers", "-1", "argument --loader-workers: must be an integer >= 0, got '-1'"),
         ("--infer-trials", "0", "argument --infer-trials: must be an integer >= 1, got '0'"),
         ("--stop-loss", "nan", "argument --stop-loss: must be a finite number, got 'nan'"),
     ],
@@ -472,6 +472,87 @@ def test_tuning_numbers_out_of_range_are_one_line_errors(command, args, fragment
 def test_run_numbers_out_of_range_are_one_line_errors(flag, value, fragment, workdir, capsys):
     code = main(run_command(workdir, *SMALL, flag, value))
     assert_clean_error(capsys.readouterr(), code, 2, fragment)
+
+
+# --- flag names: counts are --n-seeds, data-loader workers --loader-workers --------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "old", "new", "dest", "value"),
+    [
+        ("tune", "--seeds", "--n-seeds", "seeds", 5),
+        ("sweep", "--seeds", "--n-seeds", "seeds", 5),
+        ("reproduce", "--seeds", "--n-seeds", "seeds", 5),
+        ("run", "--workers", "--loader-workers", "num_workers", 2),
+    ],
+)
+def test_old_flag_spellings_still_work_with_a_one_line_deprecation(
+    command, old, new, dest, value, capsys
+):
+    from robustbench_mat.cli import build_parser
+
+    base = {
+        "tune": ["tune", "--method", "erm", "--dataset", "synthetic"],
+        "sweep": SWEEP,
+        "reproduce": ["reproduce", "table1", "--dataset", "waterbirds"],
+        "run": ["run", "--method", "erm", "--dataset", "synthetic"],
+    }[command]
+    parser = build_parser()
+    assert getattr(parser.parse_args([*base, new, str(value)]), dest) == value
+    assert capsys.readouterr().err == ""
+    assert getattr(parser.parse_args([*base, old, str(value)]), dest) == value
+    err = capsys.readouterr().err
+    assert err == f"robustbench-mat: warning: `{command} {old}` is deprecated; use {new} N\n"
+    default = parser.parse_args(base)
+    assert getattr(default, dest) == (0 if command == "run" else 3)
+
+
+@pytest.mark.parametrize("command", ["run", "tune", "sweep", "reproduce"])
+def test_help_shows_the_new_spellings_only(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    if command == "run":
+        assert "--loader-workers N" in out and "--workers" not in out
+    else:
+        assert "--n-seeds N" in out and "--seeds" not in out
+        assert "--workers WORKERS" in out  # tuning processes keep their name
+
+
+def test_tune_workers_still_means_tuning_processes(capsys):
+    from robustbench_mat.cli import build_parser
+
+    args = build_parser().parse_args(tune_command(Path("w"), "--workers", "4"))
+    assert args.workers == 4 and capsys.readouterr().err == ""
+
+
+def test_criterion_lists_its_values_in_help_and_errors(workdir, capsys):
+    from robustbench_mat.cli import CRITERIA, CRITERION_PREFIXES
+    from robustbench_mat.evaluation import PER_GROUP_CRITERIA, VALIDATION_CRITERIA
+
+    assert (CRITERIA, CRITERION_PREFIXES) == (VALIDATION_CRITERIA, PER_GROUP_CRITERIA)
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for value in (*CRITERIA, *(p + "<group>" for p in CRITERION_PREFIXES)):
+        assert value in help_text
+    for command in (run_command(workdir, *SMALL), tune_command(workdir, "--quiet")):
+        code = main([*command, "--criterion", "val_wgx"])
+        err = assert_clean_error(
+            capsys.readouterr(), code, 2, "argument --criterion: unknown criterion", "val_wgx"
+        )
+        assert "did you mean val_wga?" in err
+        assert all(value in err for value in CRITERIA)
+    assert_nothing_finished(workdir)
+    assert not (workdir / "optuna.db").exists()
+
+
+@pytest.mark.parametrize("criterion", ["val_wga", "val_group_acc.y1-a0", "val_mse"])
+def test_valid_criteria_parse(criterion):
+    from robustbench_mat.cli import build_parser
+
+    args = build_parser().parse_args(run_command(Path("w"), "--criterion", criterion))
+    assert args.criterion == criterion
 
 
 @pytest.mark.parametrize("seeds", [["-1"], ["1", "99999999999999999999"]])
