@@ -15,7 +15,8 @@ experiment continues with the models already trained; models that can be stacked
 (`stacking`) train together.
 
 Methods that consume inferred groups (MAT) use the artifact of the full training set: one XRM
-inference run on every training example, whose held-out logits cover them all; only the
+inference run (seed `seed`) on every training example, whose held-out logits cover them all,
+shared by the K models; only the
 method's own model is trained on the subset. A method's first stage (JTT's ERM model) also sees
 the whole training set. The paper measures self-influence with the same estimator.
 """
@@ -74,6 +75,7 @@ class MemorizationSettings:
                 show_progress=self.progress,
                 train_fraction=self.fraction,
                 train_subset_seed=self.seed * SUBSET_SEED_STRIDE + k,
+                inference_seed=self.seed,  # one inference run serves all K models
                 checkpoint_seconds=60.0,
             )
             for k in range(self.models)
