@@ -58,6 +58,12 @@ class MemorizationSettings:
     progress: bool = True
 
     def specs(self, method: str, workdir: Path) -> list[RunSpec]:
+        specs = self._specs(method, workdir, None)
+        if plan(specs[0]).inferrer is None:
+            return specs
+        return self._specs(method, workdir, self.seed)  # one inference run serves all K
+
+    def _specs(self, method: str, workdir: Path, inference_seed: int | None) -> list[RunSpec]:
         return [
             RunSpec(
                 method=method,
@@ -75,7 +81,7 @@ class MemorizationSettings:
                 show_progress=self.progress,
                 train_fraction=self.fraction,
                 train_subset_seed=self.seed * SUBSET_SEED_STRIDE + k,
-                inference_seed=self.seed,  # one inference run serves all K models
+                inference_seed=inference_seed,
                 checkpoint_seconds=60.0,
             )
             for k in range(self.models)
