@@ -4,11 +4,21 @@ The port is checked free before the server starts, so the server that then answe
 ours as long as our child runs. The server runs in its own process group (`mlflow server`
 starts uvicorn or gunicorn workers of its own), and the whole group is stopped on Ctrl-C,
 SIGTERM or SIGHUP, or when the server fails to come up.
+
+For each experiment with final runs it also prints a ready URL of the leaderboard's runs: the
+final, finished runs with the test metrics as columns, sorted by `test_wga`. MLflow 3.17's
+runs-table URL carries the filter and the sort (`searchFilter`, `orderByKey`, `orderByAsc`) but
+not the columns, which live in the browser's local storage; a shared view carries both. The UI
+loads it from the URL parameter `viewStateShareKey=KEY` and the experiment tag
+`mlflow.sharedViewState.KEY`, whose value is an envelope `{"name", "createdAt", "updatedAt",
+"state"}` with `state` the JSON of the search facets and UI state (`selectedColumns`: column ids
+such as ``metrics.`test_wga` ``). The tag is written here, once per experiment.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import socket
@@ -18,12 +28,28 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from robustbench_mat.errors import UserError
 from robustbench_mat.tracking import Tracker, tracking_uri
 
 HOST = "127.0.0.1"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+# The shared view of the final runs (see the module docstring).
+VIEW_KEY = "robustbench-final-runs"
+VIEW_TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+FINAL_FILTER = "tags.`robustbench.final` = 'true' and attributes.status = 'FINISHED'"
+FINAL_COLUMNS = (
+    *(f"tags.`robustbench.{key}`" for key in ("method", "regime", "seed", "criterion")),
+    *(f"metrics.`test_{key}`" for key in ("avg", "wga", "worst_class", "avg_train_weighted")),
+)
+FINAL_VIEW_STATE = {
+    "searchFilter": FINAL_FILTER,
+    "orderByKey": "metrics.`test_wga`",
+    "orderByAsc": False,
+    "selectedColumns": list(FINAL_COLUMNS),
+}
 
 
 class _Stopped(Exception):
@@ -137,6 +163,33 @@ def _wait_until_ready(server: subprocess.Popen, port: int, timeout: float) -> bo
     return False
 
 
+def final_runs_url(base: str, experiment_id: str) -> str:
+    """The URL of an experiment's final runs with the test metrics as columns."""
+    return f"{base}/#/experiments/{experiment_id}/runs?viewStateShareKey={VIEW_KEY}"
+
+
+def ensure_final_runs_view(client: Any, experiment: Any) -> bool:
+    """Write the final-runs view into `experiment`'s tags unless it is there already; False
+    (nothing written) when the experiment has no final run."""
+    if not client.search_runs([experiment.experiment_id], FINAL_FILTER, max_results=1):
+        return False
+    current = experiment.tags.get(VIEW_TAG)
+    try:
+        if current and json.loads(json.loads(current)["state"]) == FINAL_VIEW_STATE:
+            return True
+    except (ValueError, KeyError, TypeError):
+        pass  # written by hand or by another version: replaced
+    now = int(time.time() * 1000)
+    envelope = {
+        "name": "robustbench: final runs",
+        "createdAt": now,
+        "updatedAt": now,
+        "state": json.dumps(FINAL_VIEW_STATE),
+    }
+    client.set_experiment_tag(experiment.experiment_id, VIEW_TAG, json.dumps(envelope))
+    return True
+
+
 def _raise_stopped(signum: int, frame: FrameType | None) -> None:
     raise _Stopped(signal.Signals(signum).name)
 
@@ -146,7 +199,9 @@ def serve_ui(workdir: Path, port: int = 5000, ready_timeout: float = 120.0) -> i
     runs-table URLs, and stop it and its workers cleanly on Ctrl-C, SIGTERM or SIGHUP."""
     check_port(port)
     uri = tracking_uri(workdir)
-    experiments = Tracker(workdir).client.search_experiments()
+    client = Tracker(workdir).client
+    experiments = [e for e in client.search_experiments() if e.name != "Default"]
+    with_view = {e.experiment_id for e in experiments if ensure_final_runs_view(client, e)}
     env = {
         **os.environ,
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
@@ -167,9 +222,14 @@ def serve_ui(workdir: Path, port: int = 5000, ready_timeout: float = 120.0) -> i
         base = f"http://{HOST}:{port}"
         print(f"MLflow UI at {base} (store {uri}); Ctrl-C stops it", flush=True)
         for experiment in experiments:
-            if experiment.name != "Default":
+            print(
+                f"  {experiment.name}: {base}/#/experiments/{experiment.experiment_id}/runs",
+                flush=True,
+            )
+            if experiment.experiment_id in with_view:
                 print(
-                    f"  {experiment.name}: {base}/#/experiments/{experiment.experiment_id}/runs",
+                    "    final runs, test metrics as columns: "
+                    + final_runs_url(base, experiment.experiment_id),
                     flush=True,
                 )
         return server.wait()

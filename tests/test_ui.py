@@ -4,6 +4,7 @@ SIGTERM, SIGHUP)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -245,3 +246,92 @@ def test_sigterm_stops_the_real_mlflow_server_and_frees_the_port(workdir):
         assert _can_bind(port)
     finally:
         _stop_quietly(process, *group)
+
+
+# --- the ready URL of the final runs ------------------------------------------------------------
+
+
+def _mlflow_ui_bundle() -> str:
+    import mlflow
+
+    folder = Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js"
+    return "".join(path.read_text(errors="replace") for path in sorted(folder.glob("*.js")))
+
+
+def _runs(workdir: Path) -> tuple[object, str, str]:
+    """A store with a final and a trial run in `synthetic`, and no final run in `colored-digits`:
+    (client, synthetic's id, colored-digits' id)."""
+    tracker = tracking.Tracker(workdir)
+    client = tracker.client
+    synthetic = tracker.experiment_id("synthetic")
+    other = tracker.experiment_id("colored-digits")
+    for experiment, final in ((synthetic, "true"), (synthetic, "false"), (other, "false")):
+        run = client.create_run(experiment, tags={"robustbench.final": final})
+        client.log_metric(run.info.run_id, "test_wga", 0.5)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return client, synthetic, other
+
+
+def test_the_final_runs_view_uses_what_the_installed_mlflow_ui_reads():
+    """The URL parameter, tag prefix, envelope fields and state keys are the installed MLflow
+    UI's (its shared-view loader and column ids), not guesses."""
+    bundle = _mlflow_ui_bundle()
+    assert '"viewStateShareKey"' in bundle and '"mlflow.sharedViewState."' in bundle
+    assert "?viewStateShareKey=${n}" in bundle  # its own route to a shared view
+    assert "expected an object with a string `name`, number `createdAt`, and string `state`" in (
+        bundle
+    )
+    facets = '["searchFilter","orderByKey","orderByAsc","startTime","lifecycleFilter"'
+    assert facets in bundle
+    assert '["selectedColumns","columnOrder",' in bundle  # the UI state a view carries
+    assert '+".`"+t+"`"' in bundle  # column ids: metrics.`test_wga`
+    assert 'ATTRIBUTES:"attributes",PARAMS:"params",METRICS:"metrics",TAGS:"tags"' in bundle
+    assert '"/experiments/:experimentId/runs"' in bundle
+    assert ui.VIEW_TAG == "mlflow.sharedViewState." + ui.VIEW_KEY
+    assert set(ui.FINAL_VIEW_STATE) == {
+        "searchFilter",
+        "orderByKey",
+        "orderByAsc",
+        "selectedColumns",
+    }
+
+
+def test_the_final_runs_view_is_written_once_per_experiment_with_final_runs(workdir):
+    client, synthetic, other = _runs(workdir)
+    experiments = {e.experiment_id: e for e in client.search_experiments()}
+    assert ui.ensure_final_runs_view(client, experiments[synthetic])
+    assert not ui.ensure_final_runs_view(client, experiments[other])
+    tags = client.get_experiment(synthetic).tags
+    envelope = json.loads(tags[ui.VIEW_TAG])
+    assert set(envelope) == {"name", "createdAt", "updatedAt", "state"}
+    state = json.loads(envelope["state"])
+    assert state["orderByKey"] == "metrics.`test_wga`" and state["orderByAsc"] is False
+    assert "metrics.`test_avg`" in state["selectedColumns"]
+    assert "metrics.`test_wga`" in state["selectedColumns"]
+    assert "tags.`robustbench.method`" in state["selectedColumns"]
+    (final,) = client.search_runs([synthetic], state["searchFilter"])  # a filter MLflow accepts
+    assert final.data.tags["robustbench.final"] == "true"
+    assert ui.VIEW_TAG not in client.get_experiment(other).tags
+    assert ui.ensure_final_runs_view(client, client.get_experiment(synthetic))
+    assert client.get_experiment(synthetic).tags[ui.VIEW_TAG] == tags[ui.VIEW_TAG]  # unchanged
+
+
+def test_ui_prints_the_ready_url_of_the_final_runs(workdir, capsys, monkeypatch):
+    _, synthetic, other = _runs(workdir)
+    port = _free_port()
+    # A server that answers for a moment, then exits, so that serve_ui returns.
+    server = (
+        "import socket, sys, time; s = socket.socket(); "
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); "
+        "s.bind(('127.0.0.1', int(sys.argv[1]))); s.listen(); time.sleep(2)"
+    )
+    command = [sys.executable, "-c", server, str(port)]
+    monkeypatch.setattr(ui, "server_command", lambda uri, work, port: command)
+    assert ui.serve_ui(workdir, port, ready_timeout=30) == 0
+    out = capsys.readouterr().out
+    base = f"http://127.0.0.1:{port}"
+    assert f"  synthetic: {base}/#/experiments/{synthetic}/runs\n" in out
+    expected = f"{base}/#/experiments/{synthetic}/runs?viewStateShareKey=robustbench-final-runs"
+    assert f"    final runs, test metrics as columns: {expected}\n" in out
+    assert f"  colored-digits: {base}/#/experiments/{other}/runs\n" in out
+    assert out.count("viewStateShareKey") == 1  # none for an experiment without final runs
