@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -266,8 +267,10 @@ def _runs(workdir: Path) -> tuple[object, str, str]:
     synthetic = tracker.experiment_id("synthetic")
     other = tracker.experiment_id("colored-digits")
     for experiment, final in ((synthetic, "true"), (synthetic, "false"), (other, "false")):
-        run = client.create_run(experiment, tags={"robustbench.final": final})
+        tags = {"robustbench.final": final, "robustbench.method": f"erm-final-{final}"}
+        run = client.create_run(experiment, tags=tags)
         client.log_metric(run.info.run_id, "test_wga", 0.5)
+        client.log_metric(run.info.run_id, "test_avg", 0.75)
         client.set_terminated(run.info.run_id, "FINISHED")
     return client, synthetic, other
 
@@ -335,3 +338,48 @@ def test_ui_prints_the_ready_url_of_the_final_runs(workdir, capsys, monkeypatch)
     assert f"    final runs, test metrics as columns: {expected}\n" in out
     assert f"  colored-digits: {base}/#/experiments/{other}/runs\n" in out
     assert out.count("viewStateShareKey") == 1  # none for an experiment without final runs
+
+
+@pytest.mark.slow
+@needs_proc
+def test_the_ready_url_opens_the_final_runs_with_the_test_metrics_in_a_browser(workdir, tmp_path):
+    """In headless Chromium (skipped without it or Playwright): the printed URL shows only the
+    final run, with the test metrics and the method as columns, without touching the UI."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(chromium).exists():
+        pytest.skip("no chromium browser (apt-get install chromium)")
+    _runs(workdir)
+    port = _free_port()
+    cli = Path(sys.executable).with_name("robustbench-mat")
+    process = subprocess.Popen(
+        [str(cli), "ui", "--workdir", str(workdir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        line = _wait_for_line(process, "final runs, test metrics as columns: ", timeout=120)[-1]
+        url = line.split("columns: ", 1)[1].strip()
+        with sync_api.sync_playwright() as driver:
+            browser = driver.chromium.launch(
+                executable_path=chromium, args=["--no-sandbox", "--disable-gpu"]
+            )
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page.goto(url, timeout=120_000)
+            page.get_by_text("erm-final-true").first.wait_for(timeout=120_000)
+            for column in ("test_avg", "test_wga", "robustbench.method"):
+                page.get_by_role("columnheader", name=column).first.wait_for(timeout=30_000)
+            text = page.inner_text("body")
+            page.screenshot(path=str(tmp_path / "final_runs_view.png"))
+            browser.close()
+        assert "erm-final-false" not in text  # filtered out: not a final run
+        assert "1 matching run" in text
+        assert "robustbench: final runs" in text  # the shared view is active
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
