@@ -348,27 +348,121 @@ def build(
     return Leaderboard(cells, chosen, average, covered)
 
 
-def bar_chart(board: Leaderboard, path) -> None:
-    """Worst-group test accuracy per method (bars) and dataset (panels), measured rows only."""
+REGIME_COLOURS = {"full": "tab:green", "val-only": "tab:orange", "none": "tab:purple"}
+PUBLISHED_MARKER = {"marker": "D", "color": "black", "markersize": 5, "linestyle": "none"}
+BAR_WIDTH = 0.6
+MIN_VISIBLE = 1.5  # a bar lower than this (in %) gets a hatched stub of this height
+
+
+def _published_wga() -> dict[tuple[str, str, str], tuple[float, float]]:
+    """(regime, lower-case method, dataset) -> (published wga, its std or NaN), in %."""
+    table = published()
+    return {
+        (row.regime, row.method.lower(), row.dataset): (row.wga, row.wga_std)
+        for row in table.itertuples(index=False)
+        if not pd.isna(row.wga)
+    }
+
+
+def chart_figure(board: Leaderboard):
+    """Worst-group test accuracy of the measured rows: one panel per dataset, one bar per
+    (method, regime) coloured by regime, ± std over seeds, the value and the number of seeds,
+    and the MAT paper's published value as a marker beside the bar; returns the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     measured = board.cells[board.cells.source == "measured"]
-    figure, axes = plt.subplots(
-        1,
-        max(1, len(board.datasets)),
-        squeeze=False,
-        figsize=(4.5 * max(1, len(board.datasets)), 3.6),
-    )
+    reference = _published_wga()
+    order = {name: i for i, name in enumerate(REGIMES)}
+    count = max(1, len(board.datasets))
+    figure, axes = plt.subplots(1, count, squeeze=False, figsize=(4.8 * count, 4.2))
+    any_published = False
     for axis, dataset in zip(axes[0], board.datasets, strict=False):
-        part = measured[measured.dataset == dataset].sort_values(["regime", "method"])
-        labels = [f"{m}\n{r}" for r, m in zip(part.regime, part.method, strict=True)]
-        axis.bar(labels, part.wga, yerr=part.wga_std.fillna(0), color="tab:blue", capsize=3)
-        axis.set(title=dataset, ylabel="worst-group test accuracy (%)", ylim=(0, 100))
-        axis.tick_params(axis="x", labelsize=7)
-    figure.tight_layout()
+        part = measured[measured.dataset == dataset]
+        part = part.assign(_regime=part.regime.map(order)).sort_values(["_regime", "method"])
+        positions = list(range(len(part)))
+        for x, row in zip(positions, part.itertuples(index=False), strict=True):
+            colour = REGIME_COLOURS.get(row.regime, "tab:gray")
+            value = 0.0 if pd.isna(row.wga) else float(row.wga)
+            std = 0.0 if pd.isna(row.wga_std) else float(row.wga_std)
+            (bar,) = axis.bar(
+                x,
+                value,
+                BAR_WIDTH,
+                yerr=std or None,
+                color=colour,
+                edgecolor="black",
+                linewidth=0.6,
+                capsize=3,
+            )
+            bar.set_gid(f"bar:{row.method}:{row.regime}")
+            if value < MIN_VISIBLE:  # a zero bar stays visible as a hatched stub
+                (stub,) = axis.bar(
+                    x,
+                    MIN_VISIBLE,
+                    BAR_WIDTH,
+                    facecolor="none",
+                    edgecolor=colour,
+                    hatch="////",
+                    linewidth=0.8,
+                )
+                stub.set_gid(f"stub:{row.method}:{row.regime}")
+            axis.text(
+                x,
+                max(value, MIN_VISIBLE) + std + 1.5,
+                f"{value:.1f}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                gid=f"value:{row.method}:{row.regime}",
+            )
+            base = row.method.split(" [", 1)[0].lower()
+            mark = reference.get((row.regime, base, dataset))
+            if mark is not None:
+                any_published = True
+                drawn = axis.errorbar(
+                    x + BAR_WIDTH / 2 + 0.12,
+                    mark[0],
+                    yerr=None if pd.isna(mark[1]) else mark[1],
+                    capsize=2,
+                    **PUBLISHED_MARKER,
+                )
+                drawn.lines[0].set_gid(f"published:{row.method}:{row.regime}")
+        seeds = ["?" if pd.isna(n) else int(n) for n in part.seeds]
+        axis.set_xticks(
+            positions,
+            [f"{m}\nn={n}" for m, n in zip(part.method, seeds, strict=True)],
+            fontsize=7,
+        )
+        axis.axhline(0, color="black", linewidth=0.6)
+        axis.set(title=dataset, ylabel="worst-group test accuracy (%)", ylim=(0, 112))
+        axis.set_xlim(-0.6, max(len(part), 1) - 0.2)
+    handles = [
+        Patch(facecolor=c, edgecolor="black", linewidth=0.6, label=f"regime {r}")
+        for r, c in REGIME_COLOURS.items()
+    ]
+    if any_published:
+        handles.append(Line2D([], [], label="published (MAT paper Table 1)", **PUBLISHED_MARKER))
+    figure.legend(handles=handles, loc="upper center", ncols=len(handles), fontsize=8)
+    figure.text(
+        0.01,
+        0.01,
+        "bars: mean ± std over n seeds (value above); hatched: below 1.5 %",
+        fontsize=7,
+    )
+    figure.tight_layout(rect=(0, 0.03, 1, 0.92))
+    return figure
+
+
+def bar_chart(board: Leaderboard, path) -> None:
+    """Draw `chart_figure(board)` and save it to `path`."""
+    import matplotlib.pyplot as plt
+
+    figure = chart_figure(board)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
