@@ -35,7 +35,7 @@ def throughput(workers: int, trials: int) -> tuple[float, float]:
             "synthetic",
             "--trials",
             str(trials),
-            "--seeds",
+            "--n-seeds",
             "1",
             "--steps",
             "3000",

@@ -29,7 +29,7 @@ from robustbench_mat.tuning import (
 FINISHED = ("COMPLETE", "PRUNED")
 # The issue's command, in a test's work directory.
 ISSUE = ["tune", "--method", "groupdro", "--dataset", "synthetic", "--regime", "full"]
-ISSUE += ["--grid", "paper", "--seeds", "1", "--steps", "2"]
+ISSUE += ["--grid", "paper", "--n-seeds", "1", "--steps", "2"]
 
 
 def _study(workdir: Path) -> optuna.Study:
@@ -68,7 +68,7 @@ def test_the_issue_command_runs_the_ten_grid_configurations(workdir: Path, capsy
 
 def test_colored_digits_with_trials_10(workdir: Path) -> None:
     command = ["tune", "--method", "erm", "--dataset", "colored-digits", "--grid", "paper"]
-    command += ["--trials", "10", "--seeds", "1", "--steps", "2", "--quiet"]
+    command += ["--trials", "10", "--n-seeds", "1", "--steps", "2", "--quiet"]
     assert main([*command, "--workdir", str(workdir)]) == 0
     expected = _expected("erm", DATASETS.get("colored-digits")())
     assert _grid_trials(_study(workdir)) == expected
@@ -176,7 +176,7 @@ def test_waterbirds_fixture_on_cached_features(tmp_path: Path, workdir: Path) ->
     write_waterbirds(tmp_path / "data" / "waterbirds")
     prepare_dataset(Waterbirds, tmp_path / "data", show_progress=False)
     command = ["tune", "--method", "groupdro", "--dataset", "waterbirds", "--regime", "full"]
-    command += ["--grid", "paper", "--seeds", "1", "--steps", "2", "--quiet"]
+    command += ["--grid", "paper", "--n-seeds", "1", "--steps", "2", "--quiet"]
     command += ["--data-dir", str(tmp_path / "data"), "--workdir", str(workdir)]
     command += ["--data", "features=resnet50", "weights=none", "image_size=32"]
     assert main(command) == 0

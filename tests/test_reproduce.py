@@ -54,7 +54,7 @@ def test_table1_runs_end_to_end_on_the_waterbirds_fixture(tmp_path: Path, capsys
 
     write_waterbirds(tmp_path / "data" / "waterbirds")
     prepare_dataset(Waterbirds, tmp_path / "data", show_progress=False)
-    command = ["reproduce", "table1", "--dataset", "waterbirds", "--seeds", "2", "--steps", "2"]
+    command = ["reproduce", "table1", "--dataset", "waterbirds", "--n-seeds", "2", "--steps", "2"]
     command += ["--data", "weights=none", "image_size=32", "--data-dir", str(tmp_path / "data")]
     command += ["--workdir", str(tmp_path / "work"), "--quiet"]
     assert main(command) == 0
