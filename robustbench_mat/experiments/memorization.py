@@ -245,7 +245,8 @@ def _metric_name(group: str) -> str:
 
 
 def plot(scores, methods: list[str], path: Path) -> None:
-    """One panel per group: the distribution of self-influence scores, methods side by side."""
+    """One panel per group: the distribution of self-influence scores (as shares of the group's
+    scored examples, so that small groups read as well as large ones), one outline per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -260,11 +261,14 @@ def plot(scores, methods: list[str], path: Path) -> None:
         for method in methods:
             values = scores[(scores["group"] == group) & (scores["method"] == method)]["score"]
             values = values.dropna()
-            axis.hist(values, bins=bins, histtype="step", linewidth=1.5, label=method)
+            weights = [1 / max(len(values), 1)] * len(values)  # shares, comparable across groups
+            axis.hist(
+                values, bins=bins, weights=weights, histtype="step", linewidth=1.5, label=method
+            )
         axis.set(title=f"{group} (n={int((scores['group'] == group).sum() / len(methods))})")
         axis.set_xlabel("self-influence")
         axis.set_xlim(-0.5, 1.05)
-    axes[0][0].set_ylabel("training examples")
+    axes[0][0].set_ylabel("share of the group's training examples")
     axes[0][-1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=150)
