@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -28,6 +29,7 @@ from robustbench_mat.evaluation import metric_key
 from robustbench_mat.experiments import log_experiment, markdown_table, mean_std
 from robustbench_mat.registry import DATASETS, METHODS
 from robustbench_mat.runner import RunResult, RunSpec, plan, run
+from robustbench_mat.tracking import Tracker
 
 
 @dataclass(frozen=True)
@@ -122,48 +124,58 @@ def majority_minority_curves(history: pd.DataFrame, dataset) -> pd.DataFrame:
     return curves
 
 
-def plot_setting(
-    setting: Setting, curves: pd.DataFrame, result: RunResult, dataset, run_dir: Path, path: Path
-) -> None:
-    """Accuracy curves on top, the decision boundary in the (x_y, x_a) plane below."""
-    import matplotlib
+CURVE_STYLES = {
+    "majority train": ("k", "-", 1.5, "majority train"),
+    "minority train": ("k", "--", 1.5, "minority train"),
+    "majority va": ("r", "-", 1.5, 'majority va (authors\' "test", seed+1)'),
+    "minority va": ("r", "--", 1.5, 'minority va (authors\' "test", seed+1)'),
+    "minority te": ("tab:gray", ":", 1.0, "minority te (unused by authors, seed+2)"),
+}
+PLANE = ((-2.0, 2.0), (-10.0, 10.0))  # (x_y, 5·x_a) shown under the curves
+PLANE_POINTS = 200
+COMBINED = "figure1_combined.png"
+BAND = "min–max over seeds"
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 7))
-    styles = {
-        "majority train": ("k", "-", 1.5, "majority train"),
-        "minority train": ("k", "--", 1.5, "minority train"),
-        "majority va": ("r", "-", 1.5, 'majority va (authors\' "test", seed+1)'),
-        "minority va": ("r", "--", 1.5, 'minority va (authors\' "test", seed+1)'),
-        "minority te": ("tab:gray", ":", 1.0, "minority te (unused by authors, seed+2)"),
-    }
-    for column, (color, style, width, label) in styles.items():
-        top.plot(
-            curves["step"],
-            curves[column],
-            color=color,
-            linestyle=style,
-            linewidth=width,
-            label=label,
-        )
-    top.set(xlabel="update", ylabel="accuracy", ylim=(-0.02, 1.02), title=f"{setting.label}")
-    top.legend(loc="lower right", fontsize=7)
-
+def boundary_surface(result: RunResult, dataset, run_dir: Path) -> torch.Tensor:
+    """The final model's sharpened P(y=1) on the (x_y, x_a) plane, noise dimensions at 0, as a
+    PLANE_POINTS x PLANE_POINTS grid (rows: x_a, columns: x_y)."""
     method = METHODS.get(result.method)(dataset, result.hparams)
     method.load_state_dict(torch.load(run_dir / "final_model.pt", weights_only=True))
-    xs, ys = torch.linspace(-2, 2, 200), torch.linspace(-10, 10, 200)
-    grid_x, grid_y = torch.meshgrid(xs, ys, indexing="xy")
+    grid_x, grid_y = _plane_grid()
     logits = _plane_logits(method, grid_x.flatten(), grid_y.flatten(), dataset.config["dim"])
-    surface = torch.sigmoid(10 * (logits[:, 1] - logits[:, 0])).reshape(grid_x.shape)
-    bottom.contourf(grid_x, grid_y, surface, levels=20, cmap="RdBu_r", alpha=0.6)
+    return torch.sigmoid(10 * (logits[:, 1] - logits[:, 0])).reshape(grid_x.shape)
+
+
+def _plane_grid() -> tuple[torch.Tensor, torch.Tensor]:
+    (x0, x1), (y0, y1) = PLANE
+    xs, ys = torch.linspace(x0, x1, PLANE_POINTS), torch.linspace(y0, y1, PLANE_POINTS)
+    return torch.meshgrid(xs, ys, indexing="xy")
+
+
+def _draw_curves(axis, step, columns: dict[str, np.ndarray], title: str) -> None:
+    """One line per column; a 2-d column (seeds x steps) is drawn as its mean and a min–max
+    band."""
+    for column, (color, style, width, label) in CURVE_STYLES.items():
+        values = np.atleast_2d(columns[column])
+        axis.plot(step, values.mean(0), color=color, linestyle=style, linewidth=width, label=label)
+        if len(values) > 1:
+            axis.fill_between(
+                step, values.min(0), values.max(0), color=color, alpha=0.15, linewidth=0
+            )
+    axis.set(xlabel="update", ylabel="accuracy", ylim=(-0.02, 1.02), title=title)
+
+
+def _draw_boundary(axis, surface: torch.Tensor, dataset, title: str) -> None:
+    """The P(y=1) surface as filled contours, and `dataset`'s training points (x: minority)."""
+    grid_x, grid_y = _plane_grid()
+    axis.contourf(grid_x, grid_y, surface, levels=20, cmap="RdBu_r", alpha=0.6)
     train = dataset.split("train")
     minority = train.a != train.y
     for cls, color in ((0, "tab:blue"), (1, "tab:red")):
         for mask, marker in ((~minority, "o"), (minority, "x")):
             chosen = (train.y == cls) & mask
-            bottom.scatter(
+            axis.scatter(
                 train.inputs[chosen, 0],
                 train.inputs[chosen, 1],
                 s=8,
@@ -171,16 +183,73 @@ def plot_setting(
                 marker=marker,
                 linewidths=0.8,
             )
-    bottom.set(
+    axis.set(
         xlabel="core feature x_y",
         ylabel="spurious feature 5·x_a",
-        xlim=(-2, 2),
-        ylim=(-10, 10),
-        title="decision boundary (noise at 0); x: minority",
+        xlim=PLANE[0],
+        ylim=PLANE[1],
+        title=title,
     )
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_setting(
+    setting: Setting, curves: pd.DataFrame, surface: torch.Tensor, dataset, path: Path
+) -> None:
+    """One seed's panel: accuracy curves on top, the decision boundary in the (x_y, x_a) plane
+    below."""
+    plt = _pyplot()
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(5, 7))
+    columns = {c: curves[c].to_numpy() for c in CURVE_STYLES}
+    _draw_curves(top, curves["step"].to_numpy(), columns, setting.label)
+    top.legend(loc="lower right", fontsize=7)
+    _draw_boundary(bottom, surface, dataset, "decision boundary (noise at 0); x: minority")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+def combined_figure(
+    panels: list[tuple[Setting, list[pd.DataFrame], list[torch.Tensor], object]], seeds: list[int]
+):
+    """The three settings side by side: per-group accuracy curves (mean over seeds, min–max
+    band) on top, the decision boundary below (the surface averaged over seeds, each seed's
+    P=0.5 line, the first seed's training points). `panels` holds (setting, per-seed curves,
+    per-seed surfaces, first seed's dataset); returns the matplotlib figure."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(
+        2, len(panels), figsize=(4.6 * len(panels), 8.2), squeeze=False, layout="constrained"
+    )
+    grid_x, grid_y = _plane_grid()
+    for column, (setting, curves, surfaces, dataset) in enumerate(panels):
+        step = curves[0]["step"].to_numpy()
+        stacked = {c: np.stack([seed[c].to_numpy() for seed in curves]) for c in CURVE_STYLES}
+        _draw_curves(axes[0, column], step, stacked, setting.label)
+        bottom = axes[1, column]
+        _draw_boundary(
+            bottom,
+            torch.stack(surfaces).mean(0),
+            dataset,
+            f"boundary: mean over seeds, lines per seed;\npoints: seed {seeds[0]}, x: minority",
+        )
+        for surface in surfaces:
+            bottom.contour(grid_x, grid_y, surface, levels=[0.5], colors="k", linewidths=0.6)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8)
+    band = f"; band: {BAND}" if len(seeds) > 1 else ""
+    figure.suptitle(
+        f"Figure 1: mean over seeds {', '.join(map(str, seeds))}{band}; {STEPS} full-batch updates",
+        fontsize=10,
+    )
+    return figure
 
 
 def _plane_logits(method, xs: torch.Tensor, ys: torch.Tensor, dim: int) -> torch.Tensor:
@@ -198,27 +267,61 @@ def _plane_logits(method, xs: torch.Tensor, ys: torch.Tensor, dim: int) -> torch
     return torch.cat(parts)
 
 
+def name_experiment_run(workdir: Path, run_id: str, name: str) -> None:
+    """Give an experiment's training run its own MLflow name (the runner names every run
+    `<method> <regime> seed <s>`, as tuning runs are named) and, if it inferred groups, tag its
+    group-inference run with the experiment too."""
+    tracker = Tracker(workdir)
+    tags = tracker.client.get_run(run_id).data.tags
+    tracker.set_tags(run_id, {"mlflow.runName": name})
+    inference = tags.get("robustbench.inferred_groups.run_id")
+    experiment = tags.get("robustbench.experiment")
+    if inference and experiment:
+        tracker.set_tags(
+            inference,
+            {"mlflow.runName": f"{name} (group inference)", "robustbench.experiment": experiment},
+        )
+
+
 def run_figure1(
     seeds: list[int], workdir: Path, device: str = "auto", plot: bool = True, progress: bool = True
 ) -> tuple[str, Path]:
     """Train every setting for every seed; returns the table (Markdown) and the output folder."""
     out = workdir / "experiments" / "figure1"
     final: dict[str, list[dict[str, float]]] = {s.label: [] for s in SETTINGS}
+    all_curves: dict[str, list[pd.DataFrame]] = {s.label: [] for s in SETTINGS}
+    surfaces: dict[str, list[torch.Tensor]] = {s.label: [] for s in SETTINGS}
+    datasets: dict[str, object] = {}
     files = []
     for seed in seeds:
         for setting in SETTINGS:
             spec = spec_for(setting, seed, workdir, device, progress)
             result = run(spec)
+            name_experiment_run(workdir, result.run_id, f"figure1 {setting.slug} seed {seed}")
             run_dir = plan(spec).run_dir
             dataset = DATASETS.get("synthetic")(**data_params(setting, seed))
+            datasets.setdefault(setting.label, dataset)
             curves = majority_minority_curves(pd.read_csv(run_dir / "history.csv"), dataset)
             final[setting.label].append(curves.iloc[-1][list(COLUMNS)].to_dict())
             if plot:
+                all_curves[setting.label].append(curves)
+                surface = boundary_surface(result, dataset, run_dir)
+                surfaces[setting.label].append(surface)
                 folder = out / f"seed{seed}"
                 folder.mkdir(parents=True, exist_ok=True)
                 path = folder / f"{setting.slug}.png"
-                plot_setting(setting, curves, result, dataset, run_dir, path)
+                plot_setting(setting, curves, surface, dataset, path)
                 files.append(path)
+    if plot:
+        out.mkdir(parents=True, exist_ok=True)
+        figure = combined_figure(
+            [(s, all_curves[s.label], surfaces[s.label], datasets[s.label]) for s in SETTINGS],
+            seeds,
+        )
+        combined = out / COMBINED
+        figure.savefig(combined, dpi=110)
+        _pyplot().close(figure)
+        files.insert(0, combined)
     rows = [
         [label] + [mean_std([r[c] for r in records]) for c in COLUMNS]
         for label, records in final.items()
@@ -232,6 +335,13 @@ def run_figure1(
         ["minority va (authors' test) per seed", *map(str, seeds)],
     )
     table = f"{table}\n\n{per_seed}"
+    if files:
+        listing = "\n".join(f"- `{path.relative_to(out)}`" for path in files)
+        table += (
+            f"\n\nFigures (under {out}): `{COMBINED}` has the three settings side by side, "
+            f"mean over seeds with a {BAND} band, decision boundaries below; the others are "
+            f"the per-seed panels.\n\n{listing}"
+        )
     out.mkdir(parents=True, exist_ok=True)
     table_path = out / "figure1.md"
     table_path.write_text(

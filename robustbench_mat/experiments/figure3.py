@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from robustbench_mat.experiments import log_experiment, markdown_table, mean_std
+from robustbench_mat.experiments.figure1 import name_experiment_run
 from robustbench_mat.registry import DATASETS, METHODS
 from robustbench_mat.runner import RunSpec, plan, run
 
@@ -53,7 +54,17 @@ def sweep_prediction(dataset, run_dir: Path, hparams: dict) -> tuple[torch.Tenso
         return xs, method.predict(inputs).squeeze(1)
 
 
-def plot(panels: list[tuple[str, float, object, Path, dict]], path: Path) -> None:
+Panel = tuple[str, float, object, Path, dict, float]
+
+
+def panel_title(name: str, std: float, test_mse: float) -> str:
+    """A panel's title: the setting, its feature strength and the run's test MSE."""
+    return f"{name}: σ_ε = {std:g}\ntest MSE = {test_mse:.4f}"
+
+
+def draw_figure(panels: list[Panel]):
+    """The figure: one panel per (name, std, dataset, run_dir, hparams, test_mse), the true
+    function, the final prediction over the sweep and the training points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -61,8 +72,8 @@ def plot(panels: list[tuple[str, float, object, Path, dict]], path: Path) -> Non
 
     from robustbench_mat.datasets.good_bad_ugly import true_function
 
-    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.4), sharey=True)
-    for axis, (name, std, dataset, run_dir, hparams) in zip(axes, panels, strict=True):
+    figure, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), sharey=True)
+    for axis, (name, std, dataset, run_dir, hparams, test_mse) in zip(axes, panels, strict=True):
         xs, prediction = sweep_prediction(dataset, run_dir, hparams)
         train = dataset.split("train")
         axis.plot(xs, true_function(xs), "k--", linewidth=1, label="true f")
@@ -70,9 +81,19 @@ def plot(panels: list[tuple[str, float, object, Path, dict]], path: Path) -> Non
         axis.scatter(
             train.inputs[:, 0], train.y, s=14, color="tab:blue", zorder=3, label="training points"
         )
-        axis.set(xlim=(-1.2, 1.2), ylim=(-0.5, 0.5), title=f"{name}: σ_ε = {std:g}", xlabel="x")
+        axis.set(
+            xlim=(-1.2, 1.2), ylim=(-0.5, 0.5), title=panel_title(name, std, test_mse), xlabel="x"
+        )
     axes[0].legend(loc="lower right", fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def plot(panels: list[Panel], path: Path) -> None:
+    """Draw the panels and save them to `path`."""
+    import matplotlib.pyplot as plt
+
+    figure = draw_figure(panels)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -91,10 +112,13 @@ def run_figure3(
         for name, std in SETTINGS:
             spec = spec_for(std, seed, workdir, device, progress)
             result = run(spec)
+            name_experiment_run(workdir, result.run_id, f"figure3 {name} seed {seed}")
             mse[name].append(result.final["test_mse"])
             steps[name].append(result.final["step"])
             dataset = DATASETS.get("good-bad-ugly")(feature_std=std, seed=seed)
-            panels.append((name, std, dataset, plan(spec).run_dir, result.hparams))
+            panels.append(
+                (name, std, dataset, plan(spec).run_dir, result.hparams, result.final["test_mse"])
+            )
         if draw:
             path = out / f"good_bad_ugly_seed{seed}.png"
             plot(panels, path)
