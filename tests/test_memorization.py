@@ -114,3 +114,43 @@ def test_mat_memorizes_the_minority_less_than_erm(tmp_path):
     majority = scores[scores["y"] == scores["a"]].groupby("method")["score"].mean()
     assert minority["erm"] >= 0.5 and majority["erm"] <= 0.1
     assert minority["mat"] <= minority["erm"] - 0.3 and majority["mat"] <= 0.1
+
+
+def test_colored_digits_end_to_end_with_a_network_that_trains_alone(tmp_path, capsys):
+    """A convolutional network cannot be stacked: its models train one at a time, and every
+    example is still scored from K models."""
+    settings = _settings(dataset="colored-digits", methods=["erm"], steps=5, data_params={})
+    table, out = run_memorization(settings, tmp_path)
+    assert "train one at a time here" in capsys.readouterr().err
+    scores = pd.read_csv(out / "scores.csv")
+    assert set(scores["group"]) == {
+        "digit0-4/red",
+        "digit0-4/green",
+        "digit5-9/red",
+        "digit5-9/green",
+    }
+    assert (scores["n_in"] + scores["n_out"] == 6).all()
+    assert scores["score"].notna().any()
+
+
+def test_waterbirds_cached_features_end_to_end(tmp_path):
+    from upstream_fixtures import write_waterbirds
+
+    from robustbench_mat.datasets.waterbirds import Waterbirds
+    from robustbench_mat.download import prepare_dataset
+
+    write_waterbirds(tmp_path / "data" / "waterbirds")
+    prepare_dataset(Waterbirds, tmp_path / "data", show_progress=False)
+    settings = _settings(
+        dataset="waterbirds",
+        methods=["erm"],
+        steps=5,
+        data_params={"features": "resnet50", "weights": "none", "image_size": 32},
+        data_dir=str(tmp_path / "data"),
+    )
+    table, out = run_memorization(settings, tmp_path / "work")
+    scores = pd.read_csv(out / "scores.csv")
+    train = Waterbirds(tmp_path / "data").split("train")
+    names = Waterbirds(tmp_path / "data").group_names()
+    assert scores["group"].tolist() == [names[g] for g in (train.y * 2 + train.a).tolist()]
+    assert (scores["n_in"] + scores["n_out"] == 6).all()
