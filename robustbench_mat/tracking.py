@@ -43,7 +43,8 @@ class TAGS:
     REGIME = "robustbench.regime"
     SEED = "robustbench.seed"
     CRITERION = "robustbench.criterion"
-    KIND = "robustbench.kind"  # run | trial | final | leaderboard
+    # run | trial | final | group-inference | experiment | study | leaderboard
+    KIND = "robustbench.kind"
     STATE = "robustbench.state"  # running | finished | failed | killed | pruned
     RUN_KEY = "robustbench.run_key"
     PROTOCOL = "robustbench.protocol"  # default | paper
