@@ -15,7 +15,6 @@ A method or network that cannot be stacked (`why_not_stackable`: the method decl
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -205,7 +204,6 @@ class StackedOptimizer:
         }
         self._zero = torch.zeros_like(self.weight_decay)
         self._converted: dict[tuple[Any, ...], torch.Tensor] = {}
-        self.steps = 0
         self.state: dict[str, dict[str, torch.Tensor]] = {}
         self.betas, self.eps = (0.9, 0.999), 1e-8
 
@@ -227,7 +225,6 @@ class StackedOptimizer:
         self, gradients: dict[str, torch.Tensor], lr_scale: torch.Tensor | None = None
     ) -> None:
         """One update of every trained parameter from its stacked gradient."""
-        self.steps += 1
         lr = self.lr * self.active
         if lr_scale is not None:
             lr = lr * lr_scale
@@ -339,7 +336,3 @@ class StackedOptimizer:
                         "exp_avg_sq": state["exp_avg_sq"][k].clone(),
                     }
         return optimizer.state_dict()
-
-
-def finite(values: Sequence[float]) -> list[bool]:
-    return [math.isfinite(v) for v in values]

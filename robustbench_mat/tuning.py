@@ -527,13 +527,14 @@ def _reporter(
     trial's sign of life ("alive") is written at most every `stale_after / 4` seconds (one
     database commit fewer per evaluation of a fast trial)."""
     every = min(60.0, stale_after / 4)
-    last_sign = [-math.inf]
+    last_sign = -math.inf
 
     def report(record: dict[str, Any]) -> None:
+        nonlocal last_sign
         now = time.time()
-        if now - last_sign[0] >= every:
+        if now - last_sign >= every:
             trial.set_user_attr("alive", now)
-            last_sign[0] = now
+            last_sign = now
         trial.report(record[criterion], record["step"])
         if trial.should_prune():
             raise RunPruned(f"trial {trial.number} pruned at step {record['step']}")

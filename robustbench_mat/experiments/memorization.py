@@ -31,7 +31,7 @@ import torch
 
 from robustbench_mat.data import BenchmarkDataset
 from robustbench_mat.errors import RunFailed, UserError
-from robustbench_mat.evaluation import predict
+from robustbench_mat.evaluation import metric_key, predict
 from robustbench_mat.experiments import log_experiment, markdown_table
 from robustbench_mat.registry import METHODS
 from robustbench_mat.runner import RunResult, RunSpec, plan, random_subset, run_many
@@ -211,7 +211,7 @@ def run_memorization(settings: MemorizationSettings, workdir: Path) -> tuple[str
     figure_path = out / "memorization.png"
     plot(scores_frame, settings.methods, figure_path)
     metrics = {
-        f"{row['method']}.{_metric_name(row['group'])}.mean_score": row["mean score"]
+        f"{row['method']}.{metric_key(row['group'])}.mean_score": row["mean score"]
         for row in summaries
         if row["mean score"] == row["mean score"]  # not NaN
     }
@@ -236,12 +236,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "–" if value != value else f"{value:.3f}"
     return str(value)
-
-
-def _metric_name(group: str) -> str:
-    from robustbench_mat.evaluation import metric_key
-
-    return metric_key(group)
 
 
 def plot(scores, methods: list[str], path: Path) -> None:
