@@ -136,7 +136,7 @@ def run_memorization(settings: MemorizationSettings, workdir: Path) -> tuple[str
         raise UserError(
             f"--models {settings.models}: the estimate needs at least {MIN_MODELS} models that "
             f"trained on an example and {MIN_MODELS} that did not; use --models "
-            f"{4 * MIN_MODELS} or more (the paper's estimator is usually run with 64+)"
+            f"{4 * MIN_MODELS} or more (64 gave the README's synthetic figures)"
         )
     if not 0 < settings.fraction < 1:
         raise UserError(f"--fraction must be strictly between 0 and 1, got {settings.fraction}")
