@@ -316,7 +316,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", nargs="+", default=["erm", "mat"], help="memorization: default erm mat"
     )
     memorization.add_argument(
-        "--models", type=POSITIVE, default=64, help="memorization: models per method (64)"
+        "--models",
+        type=POSITIVE,
+        help="memorization: models per method (64; with --estimator tracin, 1)",
+    )
+    memorization.add_argument(
+        "--estimator",
+        choices=("subsample", "tracin"),
+        default="subsample",
+        help="memorization: subsample (Feldman & Zhang's leave-out estimate, the default) or "
+        "tracin (Pruthi et al.'s gradient approximation from saved snapshots, for large networks)",
+    )
+    memorization.add_argument(
+        "--checkpoints",
+        type=POSITIVE,
+        default=10,
+        help="memorization: snapshots per model for --estimator tracin (10)",
     )
     memorization.add_argument(
         "--fraction",
@@ -782,6 +797,8 @@ def _memorization(args: argparse.Namespace, workdir) -> int:
         methods=args.methods,
         models=args.models,
         fraction=args.fraction,
+        estimator=args.estimator,
+        checkpoints=args.checkpoints,
         seed=args.seed,
         regime=args.regime,
         steps=args.steps,

@@ -76,6 +76,9 @@ class RunSpec:
     # without replacement by `train_subset_seed` (the memorization experiment).
     train_fraction: float | None = None
     train_subset_seed: int = 0
+    # Save this many evenly spaced snapshots of the model (TracIn self-influence reads them).
+    snapshots: int | None = None
+    name: str | None = None  # the MLflow run name, when not "<method> <regime> seed <seed>"
     device: str = "auto"
     hparams: dict[str, Any] = field(default_factory=dict)
     data_params: dict[str, Any] = field(default_factory=dict)
@@ -154,9 +157,20 @@ class RunPlan:
         )
 
     def _subset_key(self) -> dict[str, Any]:
-        if self.spec.train_fraction is None:
-            return {}  # runs on the whole training split keep the keys they always had
-        return {"train_subset": [self.spec.train_fraction, self.spec.train_subset_seed]}
+        # Runs on the whole training split, without snapshots, keep the keys they always had.
+        key: dict[str, Any] = {}
+        if self.spec.train_fraction is not None:
+            key["train_subset"] = [self.spec.train_fraction, self.spec.train_subset_seed]
+        if self.spec.snapshots is not None:
+            key["snapshots"] = self.spec.snapshots
+        return key
+
+    @property
+    def snapshot_every(self) -> int | None:
+        """Steps between the model snapshots the run saves, or None."""
+        if self.spec.snapshots is None:
+            return None
+        return max(1, math.ceil(self.main_steps / self.spec.snapshots))
 
     @property
     def run_dir(self) -> Path:
@@ -165,6 +179,8 @@ class RunPlan:
 
     @property
     def run_name(self) -> str:
+        if self.spec.name is not None:
+            return self.spec.name
         return f"{self.method_name} {self.regime.name} seed {self.spec.seed}"
 
     def params(self) -> dict[str, Any]:
@@ -193,6 +209,7 @@ class RunPlan:
                     "train_subset_seed": self.spec.train_subset_seed,
                 }
             ),
+            **({} if self.spec.snapshots is None else {"snapshots": self.spec.snapshots}),
         }
 
     def inference_settings(self) -> dict[str, Any] | None:
@@ -698,6 +715,8 @@ def _prepare(run_: _Started) -> None:
         description=f"{the_plan.method_name} on {the_plan.dataset.name} (seed {spec.seed})",
         num_workers=spec.num_workers,
         stop_loss=spec.stop_loss,
+        snapshot_every=the_plan.snapshot_every,
+        snapshot_dir=the_plan.run_dir / "snapshots",
         inferred_val_groups=None
         if inferred is None
         else inferred.eval_groups(

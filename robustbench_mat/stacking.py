@@ -80,7 +80,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-class _Hook(nn.Module):
+class MethodHook(nn.Module):
     """Calls a hook of the wrapped method, so that `functional_call` can run it on any state."""
 
     def __init__(self, method: Method) -> None:
@@ -100,7 +100,7 @@ class ModelStack:
     def __init__(self, members: Sequence[Method]) -> None:
         self.members = list(members)
         base = self.members[0]
-        self._hook = _Hook(base)
+        self._hook = MethodHook(base)
         named = [dict(m.named_parameters()) for m in self.members]
         trained = {name for name, p in named[0].items() if p.requires_grad}
         self.params = {name: torch.stack([n[name].detach() for n in named]) for name in named[0]}

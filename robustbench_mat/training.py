@@ -154,6 +154,10 @@ class LoopSettings:
     num_workers: int = 0
     inferred_val_groups: EvalGroups | None = None
     stop_loss: float | None = None
+    # Save the model (state and current learning rate) every `snapshot_every` steps and at the
+    # last step into `snapshot_dir` (TracIn self-influence reads them); None saves none.
+    snapshot_every: int | None = None
+    snapshot_dir: Path | None = None
 
 
 @dataclass
@@ -349,6 +353,7 @@ def _stacks(models: list[_Model]) -> list[list[_Model]]:
             s.steps,
             s.eval_every,
             s.checkpoint_every,
+            s.snapshot_every,
             str(s.device),
             s.stop_loss,
             s.evaluate_train,
@@ -476,6 +481,18 @@ class _Model:
         if self.job.on_eval is not None:
             self.job.on_eval(record)
         return record
+
+    def snapshot(self, step: int) -> None:
+        """Write the model at `step` with its learning rate to `snapshot_dir/step-NNNNNNN.pt`."""
+        folder = self.settings.snapshot_dir
+        if folder is None:
+            raise ValueError("snapshot_every is set but snapshot_dir is not")
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"step-{step:07d}.pt"
+        tmp = path.with_suffix(".tmp")
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        torch.save({"step": step, "lr": lr, "method": _cpu_copy(self.method.state_dict())}, tmp)
+        os.replace(tmp, path)
 
     def checkpoint(self, step: int, optimizer_state: dict[str, Any]) -> None:
         if self.job.on_checkpoint is not None:
@@ -689,6 +706,7 @@ def _loop(models: list[_Model]) -> None:
         leave=True,
     )
     checkpoint_every = settings.checkpoint_every or settings.eval_every
+    snapshot_every = settings.snapshot_every or 0
     written = time.monotonic()
 
     def evaluate(model: _Model, step: int, mean_loss: float | None) -> None:
@@ -734,6 +752,10 @@ def _loop(models: list[_Model]) -> None:
                 if step % settings.eval_every == 0 or last or model.stopped:
                     evaluate(model, step, model.loss_sum / model.loss_count)
                     model.loss_sum, model.loss_count = 0.0, 0
+                due = snapshot_every and (step % snapshot_every == 0 or last or model.stopped)
+                if model.error is None and due:
+                    stepper.sync(model)
+                    model.snapshot(step)
                 if model.error is None and (scheduled or last or model.stopped):
                     stepper.sync(model)
                     model.checkpoint(step, stepper.optimizer_state(model))
