@@ -28,7 +28,9 @@ w_t with their learning rates lr_t, and
     score_i = mean over models of  sum_t lr_t * || grad_w loss(f_{w_t}(x_i), y_i) ||^2,
 
 the gradient taken over every trained parameter, of the dataset's loss (cross-entropy) of the
-network's output: a method's own reweighting or logit shifts are not part of it. It approximates
+network's output: a method's own reweighting or logit shifts are not part of it, so it does not
+measure a method that trains shifted logits (MAT: the shift fits the majority examples, whose
+raw-network loss and gradients stay large; see the README's synthetic comparison). It approximates
 self-influence up to a scale that differs between methods (their learning rates and
 trajectories differ), so compare methods by the groups' ranks (`mean percentile`) and check it
 against the subsampled estimate by rank correlation, which the summary reports when that
