@@ -214,6 +214,13 @@ def test_erm_memorizes_the_minority_only_and_a_second_call_reuses_the_models(tmp
     [summary, *_] = client.search_runs([experiment.experiment_id])
     assert summary.data.params["estimator"] == "subsample"
     assert summary.data.params["models"] == "6"
+    model_runs = client.search_runs(
+        [client.get_experiment_by_name("synthetic").experiment_id],
+        "tags.`robustbench.experiment` = 'memorization'",
+    )
+    assert sorted(r.info.run_name for r in model_runs) == [
+        f"memorization erm model {k} (0.5 subset)" for k in range(6)
+    ]
 
 
 def test_too_few_models_is_refused():
