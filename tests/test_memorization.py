@@ -214,6 +214,8 @@ def test_erm_memorizes_the_minority_only_and_a_second_call_reuses_the_models(tmp
     [summary, *_] = client.search_runs([experiment.experiment_id])
     assert summary.data.params["estimator"] == "subsample"
     assert summary.data.params["models"] == "6"
+    assert summary.data.tags["robustbench.estimator"] == "subsample"
+    assert summary.data.tags["robustbench.models"] == "6"
     model_runs = client.search_runs(
         [client.get_experiment_by_name("synthetic").experiment_id],
         "tags.`robustbench.experiment` = 'memorization'",

@@ -20,11 +20,16 @@ def mean_std(values: Sequence[float], digits: int = 3) -> str:
 
 
 def log_experiment(
-    workdir: Path, name: str, metrics: dict[str, float], files: list[Path], params: dict[str, str]
+    workdir: Path,
+    name: str,
+    metrics: dict[str, float],
+    files: list[Path],
+    params: dict[str, str],
+    tags: dict[str, str] | None = None,
 ) -> str:
     """Record an experiment's summary as one MLflow run of experiment `experiments`."""
     tracker = Tracker(workdir)
-    run_id = tracker.start("experiments", name, {TAGS.KIND: "experiment"}, params)
+    run_id = tracker.start("experiments", name, {TAGS.KIND: "experiment", **(tags or {})}, params)
     tracker.log_metrics(run_id, metrics)
     for path in files:
         tracker.log_artifact(run_id, path)

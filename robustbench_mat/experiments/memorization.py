@@ -429,6 +429,11 @@ def run_memorization(settings: MemorizationSettings, workdir: Path) -> tuple[str
             "methods": " ".join(settings.methods),
             "dataset": settings.dataset,
         },
+        {
+            "robustbench.experiment": "memorization",
+            "robustbench.estimator": settings.estimator,
+            "robustbench.models": str(settings.n_models),
+        },
     )
     return table, out
 
