@@ -9,6 +9,7 @@ is a programming error (ValueError); a value given by the user outside them is a
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -160,12 +161,24 @@ def resolve(
         valid = ", ".join(sorted(specs)) or "(none)"
         raise UserError(
             f"unknown {owner} setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
-            f"valid keys: {valid}"
+            f"{closest_keys(unknown, sorted(specs))}valid keys: {valid}"
         )
     values = {name: spec.default for name, spec in specs.items()}
     for name, value in overrides.items():
         values[name] = specs[name].parse(name, value, owner)
     return values
+
+
+def closest_keys(unknown: list[str], known: list[str]) -> str:
+    """'did you mean X? ' for the one unknown key, 'did you mean X for x, Y for y? ' for several
+    (the keys without a close match are left out); '' when none is close."""
+    matches = [(key, difflib.get_close_matches(key, known, n=1)) for key in unknown]
+    found = [(key, close[0]) for key, close in matches if close]
+    if not found:
+        return ""
+    if len(unknown) == 1:
+        return f"did you mean {found[0][1]}? "
+    return "did you mean " + ", ".join(f"{close} for {key}" for key, close in found) + "? "
 
 
 def sample_configurations(

@@ -160,8 +160,37 @@ def test_method_specs_take_the_dataset_defaults_and_parse_to_their_type():
 
 def test_dataset_parameters_are_resolved_the_same_way():
     assert Synthetic(noise_std="0").config["noise_std"] == 0.0
-    with pytest.raises(UserError, match="unknown dataset 'synthetic' setting noise; valid keys"):
+    with pytest.raises(
+        UserError,
+        match=r"unknown dataset 'synthetic' setting noise; did you mean noise_std\? valid",
+    ):
         Synthetic(noise="0")
+
+
+def test_a_misspelt_method_setting_suggests_the_closest_key():
+    specs = METHODS.get("lc").hparam_specs(Synthetic())
+    with pytest.raises(UserError) as caught:
+        resolve(specs, {"temperatur": "2"}, "method 'lc'")
+    message = str(caught.value)
+    assert message.startswith("unknown method 'lc' setting temperatur; did you mean temperature? ")
+    assert "valid keys: " + ", ".join(sorted(specs)) in message
+    assert "\n" not in message
+
+
+def test_several_misspelt_keys_each_get_their_suggestion():
+    with pytest.raises(UserError) as caught:
+        resolve(SPECS, {"stepz": 1, "flg": 2, "zzz": 3}, OWNER)
+    assert str(caught.value) == (
+        "unknown method 'erm' settings flg, stepz, zzz; did you mean flag for flg, steps for "
+        "stepz? valid keys: flag, lr, name, steps"
+    )
+
+
+def test_a_misspelt_dataset_parameter_suggests_the_closest_key():
+    with pytest.raises(
+        UserError, match=r"setting nosie_std; did you mean noise_std\? valid keys: "
+    ):
+        Synthetic(nosie_std="0")
 
 
 # --- bounds ------------------------------------------------------------------------------------
