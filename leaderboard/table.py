@@ -9,9 +9,12 @@ produced final runs for the same (method, dataset, regime), the most recent stud
 
 from __future__ import annotations
 
+import csv
+import math
+import tempfile
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from tabulate import tabulate
@@ -19,6 +22,7 @@ from tabulate import tabulate
 from robustbench_mat.tracking import TAGS
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from pathlib import Path
 
     from mlflow.entities import Run
@@ -33,6 +37,13 @@ AVERAGES = {
         "test group accuracies weighted by the training group proportions (the DFR/AFR convention)",
     ),
 }
+EXTRA_METRICS = {
+    "balanced": "balanced: the mean over classes of the test class accuracies",
+    "worst_class": "worst_class: the lowest test class accuracy",
+}
+TEST_METRICS = ("test_avg", "test_wga", "test_avg_train_weighted", *EXTRA_METRICS)
+CLASS_ACC = "test_class_acc."
+HISTORY_FILE = "history.csv"
 FORMATS = ("markdown", "html", "latex", "csv")
 _BOLD = {"markdown": "**{}**", "html": "<b>{}</b>", "latex": "\\textbf{{{}}}"}
 
@@ -61,9 +72,8 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
         "steps",
         "run_id",
         "end_time",
-        "test_avg",
-        "test_wga",
-        "test_avg_train_weighted",
+        "artifact_uri",
+        *TEST_METRICS,
         "trials",
     ]
     if runs.empty:
@@ -80,11 +90,11 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
             "steps": _param_or_nan(runs, "steps"),
             "run_id": runs["run_id"],
             "end_time": runs["end_time"],
+            "artifact_uri": runs["artifact_uri"],
         }
     )
-    for metric in ("test_avg", "test_wga", "test_avg_train_weighted"):
-        column = f"metrics.{metric}"
-        table[metric] = runs[column] if column in runs else float("nan")
+    for metric, values in leaderboard_metrics(runs, "metrics.").items():
+        table[metric] = values
     counts = trial_counts(tracking_uri)
     table["trials"] = table["study"].map(counts).astype("Int64")
     return table
@@ -104,6 +114,109 @@ def trial_counts(tracking_uri: str) -> dict[str, int]:
         return {}
     done = runs[runs[state].isin(("finished", "pruned"))]
     return done.groupby("tags.robustbench.study")["run_id"].nunique().to_dict()
+
+
+def leaderboard_metrics(frame: pd.DataFrame, prefix: str = "") -> pd.DataFrame:
+    """The leaderboard's test metrics (`TEST_METRICS`) of each row of `frame`, whose columns are
+    metric keys after `prefix`: balanced accuracy is the mean of the row's class accuracies."""
+
+    missing = pd.Series(float("nan"), index=frame.index)
+
+    def column(key: str) -> pd.Series:
+        return frame[prefix + key] if prefix + key in frame else missing
+
+    classes = [c for c in frame.columns if c.startswith(prefix + CLASS_ACC)]
+    return pd.DataFrame(
+        {
+            "test_avg": column("test_avg"),
+            "test_wga": column("test_wga"),
+            "test_avg_train_weighted": column("test_avg_train_weighted"),
+            "balanced": frame[classes].astype(float).mean(axis=1) if classes else missing,
+            "worst_class": column("test_worst_class"),
+        }
+    )
+
+
+def run_history(artifact_uri: str) -> list[dict[str, Any]] | None:
+    """Every evaluation record of a run, from its `history.csv` artifact (MLflow's `history/`
+    metrics keep at most `MAX_HISTORY_POINTS` of them), numbers parsed exactly as written, or
+    None where the artifact cannot be read."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    try:
+        repository = get_artifact_repository(artifact_uri)
+        with tempfile.TemporaryDirectory() as folder:
+            local = isinstance(repository, LocalArtifactRepository)  # read in place
+            path = repository.download_artifacts(HISTORY_FILE, None if local else folder)
+            with open(path, newline="") as file:
+                return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(file)]
+    except (OSError, csv.Error, MlflowException):
+        return None
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text) if text else float("nan")
+    except ValueError:
+        return text
+
+
+def _measures(history: list[dict[str, Any]], key: str) -> bool:
+    """Whether some record of `history` has a number for `key`."""
+    return any(isinstance(r.get(key), float) and not math.isnan(r[key]) for r in history)
+
+
+def reselect(runs: pd.DataFrame, criterion: str) -> tuple[pd.DataFrame, list[str]]:
+    """`runs` with their test metrics taken at the evaluation step that `criterion` selects
+    from each run's history (ties to the later step, as in training), a `reselected` flag, and
+    notes on the rows and runs left without values."""
+    from robustbench_mat.evaluation import check_criterion, select
+
+    check_criterion(criterion)
+    runs = runs.assign(reselected=False, **{m: float("nan") for m in TEST_METRICS})
+    forbidden, notes = _forbidden_regimes(sorted(runs.regime.unique()), criterion)
+    missing: dict[str, list[str]] = {}
+    for index, run in runs[~runs.regime.isin(forbidden)].iterrows():
+        history = run_history(run.artifact_uri)
+        if history is None or not _measures(history, criterion):
+            reason = (
+                f"have no readable {HISTORY_FILE} artifact"
+                if history is None
+                else f"did not record {criterion} in their {HISTORY_FILE}"
+            )
+            missing.setdefault(reason, []).append(_run_label(run))
+            continue
+        record = select(history, criterion)
+        for metric, value in leaderboard_metrics(pd.DataFrame([record])).iloc[0].items():
+            runs.loc[index, metric] = value
+        runs.loc[index, "reselected"] = True
+    for reason, labels in missing.items():
+        notes.append(
+            f"--criterion {criterion}: {len(labels)} final run(s) {reason}, so their steps "
+            f"cannot be re-selected and they are left out of their cells: {'; '.join(labels)}"
+        )
+    return runs, notes
+
+
+def _forbidden_regimes(regimes: list[str], criterion: str) -> tuple[set[str], list[str]]:
+    """The regimes that withhold the group labels `criterion` reads, with one note each."""
+    from robustbench_mat.errors import UserError
+    from robustbench_mat.regimes import check_criterion_allowed, get_regime
+
+    forbidden, notes = set(), []
+    for regime in regimes:
+        try:
+            check_criterion_allowed(criterion, get_regime(regime))
+        except UserError as error:
+            forbidden.add(regime)
+            notes.append(f"--criterion: {error}; the cells of its rows are left empty")
+    return forbidden, notes
+
+
+def _run_label(run: pd.Series) -> str:
+    return f"{run.method} ({run.regime}) on {run.dataset} seed {run.seed}, run {run.run_id}"
 
 
 def _param_or_nan(runs: pd.DataFrame, name: str) -> pd.Series:
@@ -131,18 +244,25 @@ def latest_study_only(runs: pd.DataFrame) -> pd.DataFrame:
     return runs.merge(last[[*ROW_KEY, "study"]])
 
 
-def aggregate(runs: pd.DataFrame, average: str = "plain") -> pd.DataFrame:
-    """Mean, std and count over seeds (in %) per (regime, method, dataset)."""
+def aggregate(
+    runs: pd.DataFrame, average: str = "plain", extra: Sequence[str] = ()
+) -> pd.DataFrame:
+    """Mean, std and count over seeds (in %) per (regime, method, dataset), of avg, wga and the
+    `extra` metrics; with re-selected runs (`reselect`), how many seeds each cell has."""
     metric = AVERAGES[average][0]
     runs = latest_study_only(runs)
     grouped = runs.groupby(["regime", "method", "dataset", "protocol"])
+    sources = {"avg": metric, "wga": "test_wga", **{name: name for name in extra}}
+    values: dict[str, pd.Series] = {}
+    for name, source in sources.items():
+        values[name] = grouped[source].mean() * 100
+        values[f"{name}_std"] = grouped[source].std(ddof=1) * 100
+    values["seeds"] = grouped["seed"].nunique()
+    if "reselected" in runs:
+        values["seeds_reselected"] = grouped["reselected"].sum().astype(int)
     summary = pd.DataFrame(
         {
-            "avg": grouped[metric].mean() * 100,
-            "avg_std": grouped[metric].std(ddof=1) * 100,
-            "wga": grouped["test_wga"].mean() * 100,
-            "wga_std": grouped["test_wga"].std(ddof=1) * 100,
-            "seeds": grouped["seed"].nunique(),
+            **values,
             "steps": grouped["steps"].max().astype("Int64"),
             "trials": grouped["trials"].max(),
             "criterion": grouped["criterion"].agg(lambda c: ", ".join(sorted(set(c)))),
@@ -188,13 +308,29 @@ class Leaderboard:
     datasets: list[str]
     average: str
     published_datasets: list[str] = field(default_factory=list)
+    extra: tuple[str, ...] = ()
+    step_criterion: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The columns of each dataset."""
+        return ("avg", "wga", *self.extra)
 
     def header(self) -> str:
-        criteria = sorted({c for c in self.cells["criterion"].dropna() if c})
+        criteria = ", ".join(sorted({c for c in self.cells["criterion"].dropna() if c}))
+        extra = "".join(f"; {EXTRA_METRICS[name]}" for name in self.extra)
+        selection = f"Selection criteria: {criteria or 'none'}."
+        if self.step_criterion:
+            selection = (
+                f"Evaluation steps re-selected by {self.step_criterion} from each run's "
+                f"{HISTORY_FILE}; configurations (hyperparameters) as tuned under "
+                f"{criteria or 'none'}, not re-tuned."
+            )
         return (
             f"Test accuracy in %, mean ± std over seeds (number of seeds), of the final runs "
-            f"recorded in MLflow. avg: {AVERAGES[self.average][1]}; wga: worst-group accuracy. "
-            f"Selection criteria: {', '.join(criteria) or 'none'}. tr / va: group labels used "
+            f"recorded in MLflow. avg: {AVERAGES[self.average][1]}; wga: worst-group accuracy"
+            f"{extra}. {selection} tr / va: group labels used "
             f"in training / in validation. budget: training steps per run, tuning trials, "
             f"seeds and protocol of each measured row. Best measured value per column in bold; "
             f"rows marked 'published' are the MAT paper's Table 1 (not measured here)."
@@ -210,14 +346,14 @@ class Leaderboard:
         """Column names and one list of cell texts per (regime, method, source) row."""
         headers = ["tr", "va", "method"]
         for dataset in self.datasets:
-            headers += [f"{dataset} avg", f"{dataset} wga"]
+            headers += [f"{dataset} {metric}" for metric in self.metrics]
         measured = self.cells[self.cells.source == "measured"]
         if not measured.empty:
             headers.append("budget")
         best = {
             (dataset, metric): measured.loc[measured.dataset == dataset, metric].max()
             for dataset in self.datasets
-            for metric in ("avg", "wga")
+            for metric in self.metrics
         }
         order = {name: i for i, name in enumerate(REGIMES)}
         keys = self.cells[["regime", "method", "source"]].drop_duplicates()
@@ -236,7 +372,7 @@ class Leaderboard:
             ]
             for dataset in self.datasets:
                 cell = mine[mine.dataset == dataset]
-                for metric in ("avg", "wga"):
+                for metric in self.metrics:
                     row.append(_cell(cell, metric, style, best[(dataset, metric)]))
             if not measured.empty:
                 row.append(_budget(mine, style))
@@ -258,7 +394,7 @@ class Leaderboard:
     def _latex(self, headers: list[str], rows: list[list[str]]) -> str:
         """A booktabs tabular, one column group per dataset, text cells escaped by pandas."""
         columns = [("", "tr"), ("", "va"), ("", "method")]
-        columns += [(d, m) for d in self.datasets for m in ("avg", "wga")]
+        columns += [(d, m) for d in self.datasets for m in self.metrics]
         columns += [("", name) for name in headers[len(columns) :]]  # the budget, if any
         frame = pd.DataFrame(rows, columns=pd.MultiIndex.from_tuples(columns))
         text = [c for c in columns if c[1] in ("method", "budget")]
@@ -267,16 +403,18 @@ class Leaderboard:
             .format(escape="latex", subset=text)
             .format_index(escape="latex", axis=1)
         )
+        width = len(self.metrics)
         latex = styler.to_latex(
             hrules=True,
             multicol_align="c",
             column_format="ccl"
-            + "rr" * len(self.datasets)
-            + "l" * (len(columns) - 3 - 2 * len(self.datasets)),
+            + "r" * width * len(self.datasets)
+            + "l" * (len(columns) - 3 - width * len(self.datasets)),
         )
         # A rule under each dataset's name, as booktabs tables have it.
         rules = " ".join(
-            f"\\cmidrule(lr){{{4 + 2 * i}-{5 + 2 * i}}}" for i in range(len(self.datasets))
+            f"\\cmidrule(lr){{{4 + width * i}-{3 + width * (i + 1)}}}"
+            for i in range(len(self.datasets))
         )
         head, end, body = latex.partition("\\\\\n")
         latex = head + end + (rules + "\n" if rules else "") + body
@@ -298,10 +436,16 @@ def _cell(cell: pd.DataFrame, metric: str, style: str, best: float) -> str:
     if not pd.isna(row[f"{metric}_std"]):
         text += (" $\\pm$ " if style == "latex" else " ± ") + f"{row[f'{metric}_std']:.1f}"
     if row["source"] == "measured":
-        text += f" ({row['seeds']})"
+        text += f" ({_seeds(row)})"
         if row[metric] == best:
             text = _BOLD[style].format(text)
     return text
+
+
+def _seeds(row: pd.Series) -> object:
+    """The number of seeds behind a measured cell: those re-selected, where steps were."""
+    reselected = row.get("seeds_reselected")
+    return row["seeds"] if reselected is None or pd.isna(reselected) else int(reselected)
 
 
 def budget_text(cell: pd.Series) -> str:
@@ -332,20 +476,34 @@ def build(
     average: str = "plain",
     with_published: bool = False,
     datasets: list[str] | None = None,
+    *,
+    criterion: str | None = None,
+    extra: Sequence[str] = (),
 ) -> Leaderboard:
     """The leaderboard of the final runs in `tracking_uri`; `with_published` adds the paper's
-    rows and, unless `datasets` is given, a column for every dataset they cover."""
-    cells = aggregate(final_runs(tracking_uri), average)
+    rows and, unless `datasets` is given, a column for every dataset they cover. `criterion`
+    re-selects each run's evaluation step from its history (the configurations stay as tuned);
+    `extra` adds columns of `EXTRA_METRICS`."""
+    unknown = [name for name in extra if name not in EXTRA_METRICS]
+    if unknown:
+        raise ValueError(f"unknown metrics {unknown}; valid: {', '.join(EXTRA_METRICS)}")
+    extra = tuple(dict.fromkeys(extra))
+    runs, notes = final_runs(tracking_uri), []
+    if criterion:
+        runs, notes = reselect(latest_study_only(runs), criterion)
+    cells = aggregate(runs, average, extra)
+    if criterion:
+        cells.insert(cells.columns.get_loc("criterion") + 1, "step_criterion", criterion)
     chosen = list(datasets or sorted(cells["dataset"].unique()))
     covered: list[str] = []
     if with_published:
-        extra = published()
-        covered = sorted(extra.dataset.unique())
+        paper = published()
+        covered = sorted(paper.dataset.unique())
         if not datasets:
             chosen += [d for d in covered if d not in chosen]
-        cells = pd.concat([cells, extra[extra.dataset.isin(chosen)]], ignore_index=True)
+        cells = pd.concat([cells, paper[paper.dataset.isin(chosen)]], ignore_index=True)
     cells = cells[cells.dataset.isin(chosen)].reset_index(drop=True)
-    return Leaderboard(cells, chosen, average, covered)
+    return Leaderboard(cells, chosen, average, covered, extra, criterion, notes)
 
 
 REGIME_COLOURS = {"full": "tab:green", "val-only": "tab:orange", "none": "tab:purple"}
@@ -432,7 +590,8 @@ def chart_figure(board: Leaderboard):
                     **PUBLISHED_MARKER,
                 )
                 drawn.lines[0].set_gid(f"published:{row.method}:{row.regime}")
-        seeds = ["?" if pd.isna(n) else int(n) for n in part.seeds]
+        counts = [_seeds(row) for _, row in part.iterrows()]
+        seeds = ["?" if pd.isna(n) else int(n) for n in counts]
         axis.set_xticks(
             positions,
             [f"{m}\nn={n}" for m, n in zip(part.method, seeds, strict=True)],

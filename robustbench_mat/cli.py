@@ -378,6 +378,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="which average accuracy to show (default plain)",
     )
     board.add_argument("--datasets", nargs="+", help="columns (default: every measured one)")
+    board.add_argument(
+        "--criterion",
+        metavar="VAL_METRIC",
+        help="re-select each final run's evaluation step by this validation metric (val_avg, "
+        "val_worst_class, ...) from its recorded history.csv, ties to the later step, without "
+        "re-tuning: the configurations (hyperparameters) stay as tuned under the original "
+        "criterion. Rows whose regime withholds the group labels it reads are left empty, and "
+        "runs that did not record it are left out, as stderr says",
+    )
+    board.add_argument(
+        "--metrics",
+        nargs="+",
+        choices=("balanced", "worst_class"),
+        metavar="METRIC",
+        help="extra columns per dataset, mean ± std over seeds like avg and wga: balanced (the "
+        "mean over classes of the test class accuracies) and/or worst_class (the lowest one)",
+    )
     ui = commands.add_parser("ui", help="the MLflow UI on 127.0.0.1 for the work directory")
     ui.add_argument("--workdir", help="as for `run`")
     ui.add_argument("--port", type=PORT, default=5000, help="1 to 65535, free (default 5000)")
@@ -389,7 +406,14 @@ def command_leaderboard(args: argparse.Namespace) -> int:
     from robustbench_mat.tracking import resolve_workdir, tracking_uri
 
     workdir = resolve_workdir(args.workdir)
-    board = build(tracking_uri(workdir), args.average, args.published, args.datasets)
+    board = build(
+        tracking_uri(workdir),
+        args.average,
+        args.published,
+        args.datasets,
+        criterion=args.criterion,
+        extra=args.metrics or (),
+    )
     # Only markdown, the default, mixes notes and table on stdout: the others are for `> FILE`.
     notes = sys.stdout if args.format == "markdown" else sys.stderr
     if board.cells.empty:
@@ -402,6 +426,8 @@ def command_leaderboard(args: argparse.Namespace) -> int:
         _write_out(Path(args.out), text + "\n")
     if args.published:  # after any error, which stays one line
         print(board.published_note(), file=sys.stderr)
+    for note in board.notes:
+        print(note, file=sys.stderr)
     print(board.header() + "\n", file=notes)
     print(text)
     path, run_id = record(board, workdir, board.render("markdown"))
