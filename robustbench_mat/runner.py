@@ -50,6 +50,7 @@ from robustbench_mat.training import (
     LoopResult,
     LoopSettings,
     TrainingJob,
+    cpu_copy,
     resolve_device,
     seed_everything,
     train,
@@ -764,7 +765,7 @@ def _record(run_: _Started, outcome: LoopResult) -> RunResult:
         run_id, {**selected, "selected_step": selected["step"]}, step=the_plan.main_steps
     )
     torch.save(outcome.selected_state, run_dir / "selected_model.pt")
-    torch.save(method.state_dict(), run_dir / "final_model.pt")
+    torch.save(cpu_copy(method.state_dict()), run_dir / "final_model.pt")  # loads anywhere
     pd.DataFrame(outcome.history).to_csv(run_dir / "history.csv", index=False)
     for name in ("selected_model.pt", "final_model.pt", "history.csv"):
         tracker.log_artifact(

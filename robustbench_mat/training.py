@@ -171,7 +171,7 @@ class LoopResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
+def cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
     """A CPU copy of a state dict. A tensor reachable under several names (a module shared by
     two attributes, as AFR's and DFR's feature views) is copied once and stays shared, so it is
     also saved once."""
@@ -477,7 +477,7 @@ class _Model:
             )
         previous = None if self.best is None else self.best[settings.criterion]
         if is_better(record[settings.criterion], previous, self.maximize):
-            self.best, self.best_state = record, _cpu_copy(self.method.state_dict())
+            self.best, self.best_state = record, cpu_copy(self.method.state_dict())
         if self.job.on_eval is not None:
             self.job.on_eval(record)
         return record
@@ -491,7 +491,7 @@ class _Model:
         path = folder / f"step-{step:07d}.pt"
         tmp = path.with_suffix(".tmp")
         lr = float(self.optimizer.param_groups[0]["lr"])
-        torch.save({"step": step, "lr": lr, "method": _cpu_copy(self.method.state_dict())}, tmp)
+        torch.save({"step": step, "lr": lr, "method": cpu_copy(self.method.state_dict())}, tmp)
         os.replace(tmp, path)
 
     def checkpoint(self, step: int, optimizer_state: dict[str, Any]) -> None:

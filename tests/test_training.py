@@ -285,12 +285,12 @@ def test_resume_with_checkpoints_between_evaluations_matches(workdir, make_workd
 
 
 def test_best_state_copy_keeps_shared_tensors_shared():
-    from robustbench_mat.training import _cpu_copy
+    from robustbench_mat.training import cpu_copy
 
     shared = nn.Linear(3, 2)
     holder = nn.Module()
     holder.model, holder.view = nn.Sequential(shared), nn.Sequential(shared)
-    copied = _cpu_copy(holder.state_dict())
+    copied = cpu_copy(holder.state_dict())
     assert copied["model.0.weight"] is copied["view.0.weight"]
     assert copied["model.0.weight"].data_ptr() != shared.weight.data_ptr()  # a copy
     assert torch.equal(copied["model.0.weight"], shared.weight)

@@ -141,7 +141,9 @@ def boundary_surface(result: RunResult, dataset, run_dir: Path) -> torch.Tensor:
     """The final model's sharpened P(y=1) on the (x_y, x_a) plane, noise dimensions at 0, as a
     PLANE_POINTS x PLANE_POINTS grid (rows: x_a, columns: x_y)."""
     method = METHODS.get(result.method)(dataset, result.hparams)
-    method.load_state_dict(torch.load(run_dir / "final_model.pt", weights_only=True))
+    method.load_state_dict(
+        torch.load(run_dir / "final_model.pt", map_location="cpu", weights_only=True)
+    )
     grid_x, grid_y = _plane_grid()
     logits = _plane_logits(method, grid_x.flatten(), grid_y.flatten(), dataset.config["dim"])
     return torch.sigmoid(10 * (logits[:, 1] - logits[:, 0])).reshape(grid_x.shape)

@@ -45,7 +45,9 @@ def sweep_prediction(dataset, run_dir: Path, hparams: dict) -> tuple[torch.Tenso
     """The final model's prediction on the whole sweep: the extra features are zero except at
     the training points, which keep theirs."""
     method = METHODS.get("erm")(dataset, hparams)
-    method.load_state_dict(torch.load(run_dir / "final_model.pt", weights_only=True))
+    method.load_state_dict(
+        torch.load(run_dir / "final_model.pt", map_location="cpu", weights_only=True)
+    )
     xs, train_idx = dataset.sweep()
     inputs = torch.zeros(len(xs), 1 + dataset.config["extra_dims"])
     inputs[:, 0] = xs

@@ -238,7 +238,7 @@ def tracin_scores(
     train = dataset.split("train")
     total = torch.zeros(len(train), dtype=torch.float64)
     for path in paths:
-        snapshot = torch.load(path, weights_only=True)
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
         method.load_state_dict(snapshot["method"])
         total += snapshot["lr"] * squared_gradient_norms(method, train, dataset.loss, device)
     return total
@@ -249,7 +249,7 @@ def _final_predictions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Correctness and true-label probability of a run's final model on every training example."""
     method = METHODS.get(result.method)(dataset, result.hparams)
-    state = torch.load(plan(spec).run_dir / "final_model.pt", weights_only=True)
+    state = torch.load(plan(spec).run_dir / "final_model.pt", map_location="cpu", weights_only=True)
     method.load_state_dict(state)
     method.eval()
     train = dataset.split("train")
