@@ -113,6 +113,9 @@ class CelebA(ImageBenchmark):
             ),
             extract=True,
             note="about 1.4 GB",
+            # The size of the file with this sha256 (and of the Drive copy, md5 00d2c5bc...),
+            # as torchvision's download of it reports.
+            size=1_443_490_838,
         ),
         UpstreamFile(
             url=google_drive_url("1acn0-nE4W7Wa17sIkKB0GtfW4Z41CMFB"),
@@ -120,6 +123,7 @@ class CelebA(ImageBenchmark):
             filename=PARTITION,
             provides=(PARTITION,),
             checksums=("md5:d32c9cbf5e040fd4025c592c306e6668",),
+            size=2_836_386,  # 202,599 lines of 14 bytes ("000001.jpg 0\r\n"), as downloaded
         ),
         UpstreamFile(
             url=google_drive_url("11um21kRUuaUNoMl59TCe2fb01FNjqNms"),
@@ -127,6 +131,7 @@ class CelebA(ImageBenchmark):
             filename=ATTRIBUTES,
             provides=(ATTRIBUTES,),
             checksums=("md5:75e246fa4810816ffd6ee81facbd244c",),
+            size=26_721_026,  # as torchvision's download of this md5 reports
         ),
     )
 

@@ -131,6 +131,7 @@ class _CivilComments(TextBenchmark):
             extract=True,
             note="the WILDS v1.0 CodaLab bundle, about 0.5 GB; WILDS' own downloader fetches it "
             "too",
+            size=90_644_480,  # the `compressed_size` WILDS declares for this bundle
         ),
     )
 

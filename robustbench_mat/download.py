@@ -9,7 +9,9 @@ half-written dataset) and safely (no member outside the folder, no links or devi
 setuid bits), and finally runs the dataset's conversion. A downloaded archive is deleted once
 extracted; a truncated or corrupt one is deleted and the user told to retry. An archive placed by
 hand is never deleted, and neither is one whose extraction failed for another reason (a full
-disk). `prepare_dataset` only converts, for users
+disk). Before fetching anything, `download_dataset` prints each file's declared size and the free
+disk, and refuses a download that cannot fit; a response whose Content-Length exceeds the free
+disk is refused before a byte is written. `prepare_dataset` only converts, for users
 who placed the upstream files by hand (checked against the same checksums); the error of a failed
 download says which files to place where."""
 
@@ -36,7 +38,13 @@ from urllib.parse import urlencode, urljoin
 from tqdm.auto import tqdm
 
 from robustbench_mat.errors import UserError
-from robustbench_mat.metadata import FileDataset, UpstreamFile, read_metadata, resolve_data_dir
+from robustbench_mat.metadata import (
+    FileDataset,
+    UpstreamFile,
+    format_bytes,
+    read_metadata,
+    resolve_data_dir,
+)
 
 CHUNK = 1 << 20
 PAGE_LIMIT = 1 << 20  # bytes of a web page read to look for a confirmation link
@@ -45,6 +53,28 @@ USER_AGENT = "robustbench-mat (+https://pypi.org/project/robustbench-mat)"
 
 class DownloadError(Exception):
     """A file could not be fetched (host down, quota, HTTP error, wrong checksum)."""
+
+
+class NotEnoughSpace(UserError):
+    """The free disk is below what a download needs; raised before anything is written."""
+
+
+def free_space(path: Path) -> int:
+    """The bytes free on the file system of `path` (of its nearest existing parent, if none)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def space_message(what: str, target: Path, needed: int, free: int, exact: bool = True) -> str:
+    """Why downloading `what` into `target` is refused, and how to fix it."""
+    at_least = "" if exact else "at least "
+    return (
+        f"not enough free space to download {what} into {target}: it needs {at_least}"
+        f"{format_bytes(needed)} and {format_bytes(free)} is free there. Free {at_least}"
+        f"{format_bytes(needed - free)} on that file system, or pass --data-dir with a folder on "
+        f"a disk with more space; nothing was downloaded"
+    )
 
 
 def google_drive_url(file_id: str) -> str:
@@ -165,7 +195,21 @@ class _Fetch:
                 raise DownloadError(_page_problem(page))
         raise DownloadError("Google Drive answered with confirmation pages only")
 
+    def ensure_space(self, response: Any, have: int) -> None:
+        """Refuse a response whose Content-Length exceeds the free disk, before writing a byte."""
+        length = response.headers.get("Content-Length")
+        if not (length and length.isdigit()):
+            return
+        free = free_space(self.partial.parent)
+        if not have and self.partial.exists():  # started over: the partial file is replaced
+            free += self.partial.stat().st_size
+        if int(length) > free:
+            response.close()
+            folder = self.partial.parent
+            raise NotEnoughSpace(space_message(self.destination.name, folder, int(length), free))
+
     def write(self, response: Any, have: int) -> None:
+        self.ensure_space(response, have)
         length = response.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
         bar = tqdm(
@@ -205,7 +249,9 @@ def fetch(
 ) -> Path:
     """Download `url` to `destination`, resuming `<destination>.part` if a previous attempt left
     one and passing Google Drive's confirmation page; the file appears under its final name only
-    once complete and matching one of `checksums`. A mismatching download is deleted."""
+    once complete and matching one of `checksums`. A mismatching download is deleted. A response
+    whose Content-Length exceeds the free disk raises `NotEnoughSpace` before anything is
+    written."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     download = _Fetch(destination, show_progress, timeout)
     # A partial file is resumed only from the address that started it: a mirror's bytes may differ.
@@ -213,9 +259,14 @@ def fetch(
     if source.exists() and source.read_text() != url:
         download.partial.unlink(missing_ok=True)
     source.write_text(url)
-    response, have = download.open_file(url)
-    if response is not None:
-        download.write(response, have)
+    try:
+        response, have = download.open_file(url)
+        if response is not None:
+            download.write(response, have)
+    except NotEnoughSpace:
+        if not download.partial.exists():
+            source.unlink()
+        raise
     problem = checksum_problem(download.partial, checksums)
     if problem:
         download.partial.unlink(missing_ok=True)
@@ -478,18 +529,77 @@ def _download(item: UpstreamFile, root: Path, show_progress: bool, verify: bool)
     return failures
 
 
+def _to_fetch(root: Path, item: UpstreamFile) -> int | None:
+    """The bytes of `item` still to download (less a partial download on disk), or None."""
+    if item.size is None:
+        return None
+    partial = root / (item.filename + ".part")
+    return max(item.size - (partial.stat().st_size if partial.is_file() else 0), 0)
+
+
+def space_needed(root: Path, items: list[UpstreamFile]) -> tuple[int, bool]:
+    """(the most disk the downloads of `items` take at once, whether every size is known).
+
+    Files are fetched in turn; an archive is extracted beside itself, then deleted, so its peak
+    is the files kept so far plus the archive plus its unpacked files."""
+    kept = peak = 0
+    known = True
+    for item in items:
+        download = _to_fetch(root, item)
+        unpacked = item.unpacked_size if item.extract else 0
+        known = known and download is not None and unpacked is not None
+        peak = max(peak, kept + (download or 0) + (unpacked or 0))
+        kept += (unpacked or 0) if item.extract else (download or 0)
+    return peak, known
+
+
+def _describe(item: UpstreamFile) -> str:
+    """'  name: 1.34 GiB (an archive: unpacked size unknown; deleted once extracted)'."""
+    size = "size unknown" if item.size is None else format_bytes(item.size)
+    if not item.extract:
+        return f"  {item.filename}: {size}"
+    unpacked = (
+        "unpacked size unknown"
+        if item.unpacked_size is None
+        else f"unpacks to {format_bytes(item.unpacked_size)}"
+    )
+    return f"  {item.filename}: {size} (an archive: {unpacked}; deleted once extracted)"
+
+
+def _needed(needed: int, known: bool) -> str:
+    if known:
+        return format_bytes(needed)
+    return f"at least {format_bytes(needed)} (some sizes are unknown)" if needed else "unknown"
+
+
+def check_space(
+    cls: type[FileDataset], root: Path, items: list[UpstreamFile], show_progress: bool
+) -> None:
+    """Print the size of each of `items` and the free disk; refuse if it is too little."""
+    needed, known = space_needed(root, items)
+    free = free_space(root)
+    if show_progress:
+        lines = [f"downloading {cls.name} into {root}:", *map(_describe, items)]
+        lines.append(f"  needed: {_needed(needed, known)}; free there: {format_bytes(free)}")
+        print("\n".join(lines), flush=True)
+    if needed > free:
+        raise NotEnoughSpace(space_message(cls.name, root, needed, free, exact=known))
+
+
 def download_dataset(
     cls: type[FileDataset],
     data_dir: str | Path | None,
     show_progress: bool = True,
     verify: bool = True,
 ) -> list[Path]:
-    """Fetch the upstream files that are not in place yet, then `prepare_dataset`."""
+    """Fetch the upstream files that are not in place yet, then `prepare_dataset`. Their sizes
+    and the free disk are printed first, and a download that cannot fit is refused."""
     root = cls.dataset_root(data_dir)
+    pending = [item for item in cls.upstream if not _place(cls, root, item, verify)]
+    if pending:
+        check_space(cls, root, pending, show_progress)
     root.mkdir(parents=True, exist_ok=True)
-    for item in cls.upstream:
-        if _place(cls, root, item, verify):
-            continue
+    for item in pending:
         failures = _download(item, root, show_progress, verify)
         if failures:
             raise UserError(

@@ -50,7 +50,8 @@ class UpstreamFile:
     folder) that exist once the file is in place, extracted if needed: `prepare` checks them.
     `checksums` are the digests a good copy may have (`sha256:<hex>` or `md5:<hex>`; any one
     matching is enough), declared only where the upstream file is stable and its digest is
-    published; empty means unverified.
+    published; empty means unverified. `size` is the file's size in bytes and `unpacked_size`
+    the total size of an archive's files, declared only where documented; None means unknown.
     """
 
     url: str
@@ -61,6 +62,8 @@ class UpstreamFile:
     note: str = ""
     extract_to: str = "."
     mirrors: tuple[str, ...] = ()
+    size: int | None = None
+    unpacked_size: int | None = None
 
     def __post_init__(self) -> None:
         for checksum in self.checksums:
@@ -78,6 +81,27 @@ class UpstreamFile:
 
 
 CHECKSUM_HEX_LENGTHS = {"sha256": 64, "md5": 32}
+
+
+def format_bytes(n_bytes: int) -> str:
+    """`n_bytes` in binary units, e.g. '1.34 GiB', '512 B'."""
+    size = float(n_bytes)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(size) < 1024 or unit == "TiB":
+            return f"{int(size)} B" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def declared_download_size(upstream: tuple[UpstreamFile, ...]) -> str:
+    """The total declared size of `upstream`, e.g. '1.37 GiB in 3 files' or 'size unknown'."""
+    known = [item.size for item in upstream if item.size is not None]
+    count = f"{len(upstream)} file{'s' if len(upstream) > 1 else ''}"
+    if not known:
+        return f"size unknown ({count})"
+    unknown = len(upstream) - len(known)
+    more = f", {unknown} of them of unknown size" if unknown else ""
+    return f"{'at least ' if unknown else ''}{format_bytes(sum(known))} in {count}{more}"
 
 
 def _is_hex(text: str) -> bool:

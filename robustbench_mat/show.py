@@ -208,6 +208,7 @@ def describe_dataset(
         f"  default criterion:  {criterion}",
         f"  training defaults:  {training}",
         f"  data:               {data_status(dataset_cls, data_dir)}",
+        *download_size(dataset_cls),
         "",
         "Parameters (--data KEY=VALUE):",
     ]
@@ -233,6 +234,16 @@ def data_status(dataset_cls: type[BenchmarkDataset], data_dir: str | Path | None
         f"not prepared in {folder}; `robustbench-mat download {dataset_cls.name} --data-dir "
         f"{resolve_data_dir(data_dir)}` fetches it"
     )
+
+
+def download_size(dataset_cls: type[BenchmarkDataset]) -> list[str]:
+    """The `download size` line of an on-disk dataset; none for one generated in memory."""
+    upstream = getattr(dataset_cls, "upstream", ())
+    if not upstream:
+        return []
+    from robustbench_mat.metadata import declared_download_size
+
+    return [f"  download size:      {declared_download_size(upstream)}"]
 
 
 def _docstring_body(cls: type) -> list[str]:

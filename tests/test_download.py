@@ -3,6 +3,7 @@ local HTTP server on 127.0.0.1 (never the network)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import http.server
@@ -20,14 +21,16 @@ from robustbench_mat.cli import main
 from robustbench_mat.datasets.waterbirds import Waterbirds
 from robustbench_mat.download import (
     DownloadError,
+    NotEnoughSpace,
     dataset_class,
     download_dataset,
     extract_archive,
     fetch,
     prepare_dataset,
+    space_needed,
 )
 from robustbench_mat.errors import UserError
-from robustbench_mat.metadata import UpstreamFile
+from robustbench_mat.metadata import UpstreamFile, declared_download_size, format_bytes
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
@@ -482,3 +485,134 @@ def test_a_file_placed_by_hand_is_checked_and_kept(served_waterbirds, tmp_path, 
     assert placed.exists()  # the user's copy is not deleted
     assert main([*args, "--skip-checksum"]) == 0
     assert (root / "metadata_waterbirds.csv").is_file()
+
+
+# --- disk space --------------------------------------------------------------------------------
+
+
+def _free_disk(monkeypatch, free: int) -> None:
+    """Make every file system report `free` bytes free."""
+    usage = shutil._ntuple_diskusage(10 * free + 1, 9 * free + 1, free)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage)
+
+
+def _sized(item: UpstreamFile, size: int | None, unpacked: int | None = None) -> UpstreamFile:
+    return dataclasses.replace(item, size=size, unpacked_size=unpacked)
+
+
+def test_download_prints_each_size_and_the_free_space(
+    served_waterbirds, tmp_path, monkeypatch, capsys
+):
+    size = served_waterbirds.stat().st_size
+    item = _sized(Waterbirds.upstream[0], size, 3 * size)
+    monkeypatch.setattr(Waterbirds, "upstream", (item,))
+    _free_disk(monkeypatch, 5 * 2**30)
+    download_dataset(Waterbirds, tmp_path / "data", show_progress=True)
+    out = capsys.readouterr().out.splitlines()
+    root = tmp_path / "data" / "waterbirds"
+    assert out[:3] == [
+        f"downloading waterbirds into {root}:",
+        f"  {item.filename}: {format_bytes(size)} (an archive: unpacks to "
+        f"{format_bytes(3 * size)}; deleted once extracted)",
+        f"  needed: {format_bytes(4 * size)}; free there: 5 GiB",
+    ]
+    assert (root / "metadata_waterbirds.csv").is_file()
+
+
+def test_an_undeclared_size_is_said_to_be_unknown(served_waterbirds, tmp_path, capsys):
+    download_dataset(Waterbirds, tmp_path / "data", show_progress=True)
+    out = capsys.readouterr().out.splitlines()
+    assert out[1] == (
+        f"  {Waterbirds.upstream[0].filename}: size unknown (an archive: unpacked size unknown; "
+        f"deleted once extracted)"
+    )
+    assert out[2].startswith("  needed: unknown; free there: ")
+
+
+def test_too_little_free_space_is_refused_before_downloading(
+    served_waterbirds, tmp_path, monkeypatch, capsys
+):
+    item = _sized(Waterbirds.upstream[0], 500 * 2**20, 2**30)
+    monkeypatch.setattr(Waterbirds, "upstream", (item,))
+    _free_disk(monkeypatch, 2**30)
+    data = tmp_path / "data"
+    assert main(["download", "waterbirds", "--data-dir", str(data), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert (
+        f"not enough free space to download waterbirds into {data / 'waterbirds'}: it needs "
+        f"1.49 GiB and 1 GiB is free there. Free 500 MiB on that file system, or pass --data-dir"
+    ) in err
+    assert _Handler.ranges == []  # not a byte requested
+    assert not data.exists()  # nor written
+
+
+def test_the_space_check_counts_a_partial_download_and_deleted_archives(tmp_path):
+    archive = UpstreamFile(url="u", filename="a.zip", provides=("a",), extract=True)
+    archive = _sized(archive, 100, 300)
+    plain = _sized(UpstreamFile(url="u", filename="b.txt", provides=("b.txt",)), 50)
+    assert space_needed(tmp_path, [archive, plain]) == (400, True)  # the archive, then 300 kept
+    assert space_needed(tmp_path, [plain, archive]) == (450, True)
+    (tmp_path / "a.zip.part").write_bytes(b"x" * 40)
+    assert space_needed(tmp_path, [archive]) == (360, True)
+    unknown = _sized(plain, None)
+    assert space_needed(tmp_path, [archive, unknown]) == (360, False)
+
+
+def test_too_little_space_for_the_content_length_is_refused_before_writing(
+    server, tmp_path, monkeypatch
+):
+    base, served = server
+    (served / "file.bin").write_bytes(b"x" * 300_000)
+    _free_disk(monkeypatch, 200_000)
+    with pytest.raises(NotEnoughSpace) as caught:
+        fetch(f"{base}/file.bin", tmp_path / "out" / "file.bin", (), False)
+    assert str(caught.value) == (
+        f"not enough free space to download file.bin into {tmp_path / 'out'}: it needs 293 KiB "
+        f"and 195 KiB is free there. Free 97.7 KiB on that file system, or pass --data-dir with "
+        f"a folder on a disk with more space; nothing was downloaded"
+    )
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_the_content_length_check_keeps_and_resumes_a_partial_download(
+    server, tmp_path, monkeypatch
+):
+    base, served = server
+    payload = bytes(range(256)) * 1000
+    (served / "file.bin").write_bytes(payload)
+    target = tmp_path / "file.bin"
+    (tmp_path / "file.bin.part").write_bytes(payload[:1000])
+    _free_disk(monkeypatch, len(payload) - 1001)  # one byte short of the rest
+    with pytest.raises(NotEnoughSpace, match="it needs 249 KiB.*Free 1 B on"):
+        fetch(f"{base}/file.bin", target, _sha(payload), False)
+    assert (tmp_path / "file.bin.part").read_bytes() == payload[:1000]
+    _free_disk(monkeypatch, len(payload) - 1000)
+    fetch(f"{base}/file.bin", target, _sha(payload), False)
+    assert target.read_bytes() == payload
+    assert _Handler.ranges == ["bytes=1000-", "bytes=1000-"]
+
+
+def test_the_content_length_refusal_reaches_the_command_line(
+    served_waterbirds, tmp_path, monkeypatch, capsys
+):
+    _free_disk(monkeypatch, 1000)
+    data = tmp_path / "data"
+    assert main(["download", "waterbirds", "--data-dir", str(data), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    name = Waterbirds.upstream[0].filename
+    assert f"not enough free space to download {name} into {data / 'waterbirds'}" in err
+    assert "could not download" not in err  # not taken for a host failure; no mirror tried
+    assert list((data / "waterbirds").iterdir()) == []
+
+
+def test_the_declared_download_size_of_a_dataset():
+    plain = UpstreamFile(url="u", filename="b.txt", provides=("b.txt",))
+    assert declared_download_size((_sized(plain, 3 * 2**20), _sized(plain, 2**20))) == (
+        "4 MiB in 2 files"
+    )
+    assert declared_download_size((_sized(plain, 2**20), plain)) == (
+        "at least 1 MiB in 2 files, 1 of them of unknown size"
+    )
+    assert declared_download_size((plain,)) == "size unknown (1 file)"

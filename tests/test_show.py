@@ -163,9 +163,16 @@ def test_dataset_shows_parameters_groups_budget_family_and_data(capsys, tmp_path
     assert field(out, "data") == f"prepared in {data / 'civilcomments'}"
 
 
+def test_dataset_shows_its_declared_download_size(capsys, no_backbone):
+    assert field(show(capsys, "celeba"), "download size") == "1.37 GiB in 3 files"
+    assert field(show(capsys, "civilcomments"), "download size") == "86.4 MiB in 1 file"
+    assert field(show(capsys, "multinli"), "download size") == "size unknown (2 files)"
+
+
 def test_in_memory_dataset_needs_no_download(capsys):
     out = show(capsys, "synthetic")
     assert field(out, "data") == "generated in memory (no download)"
+    assert "download size" not in out
     assert field(out, "default budget").startswith("1000 steps, evaluated every 10")
     assert settings(out)["noise_std"].startswith("noise_std = 0.5  (a finite float >= 0)")
     assert (
