@@ -8,6 +8,21 @@ selection criterion at each evaluation feeds the pruner. The study holds exactly
 finished (complete or pruned) trials however many workers share it and however often the
 command is interrupted and started again: a trial whose worker died is marked failed and
 retried with the same parameters, and its run resumes from its last checkpoint.
+
+Why `recover_dead_trials` is not Optuna's heartbeat (Optuna 5.0.0): `RDBStorage(
+heartbeat_interval=..., grace_period=..., heartbeat_stale_trial_callback=
+RetryHeartbeatStaleTrialCallback())` with `optuna.storages.fail_stale_trials` fails only trials
+that have a recorded heartbeat (`RDBStorage._get_stale_trial_ids` skips the others), and only
+`Study.optimize` records one: `optuna.study._optimize._run_trial` wraps each trial in the private
+`optuna.storages._heartbeat.get_heartbeat_thread`. The workers here run trials by ask/tell (K
+asked at once, a surplus one given up, the K trained stacked), which `optimize` cannot do; under
+ask/tell `Study.ask` warns that the heartbeat "is supposed to be used with Study.optimize", and a
+trial whose worker died stays RUNNING, so the study never reaches exactly `trials` finished
+trials. Starting that private thread by hand would rest the resume guarantee on an undocumented,
+experimental interface; the check of a dead pid on this host, which no heartbeat reports before
+its grace period, would stay hand-written anyway; and `RetryHeartbeatStaleTrialCallback` copies
+the dead trial's user attributes (its host and pid) into the retry, which that check would read
+as dead again. tests/test_tuning.py::test_optuna_heartbeat_misses_a_dead_ask_tell_trial shows it.
 """
 
 from __future__ import annotations

@@ -14,11 +14,18 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from robustbench_mat.cli import main
 from robustbench_mat.registry import DATASETS, METHODS
-from robustbench_mat.tuning import TuneSpec, paper_configuration, paper_grid, tune
+from robustbench_mat.tuning import (
+    TuneSpec,
+    paper_configuration,
+    paper_grid,
+    recover_dead_trials,
+    tune,
+)
 
 CLI = Path(sys.executable).with_name("robustbench-mat")
 TINY = {"n": 200, "dim": 20}
@@ -216,6 +223,38 @@ def test_kill_9_mid_trial_then_the_same_command_completes_exactly(workdir: Path)
     # the killed trial's run was resumed by its retry (same settings), not duplicated
     assert len(trial_runs) == 3
     assert all(r.info.status == "FINISHED" for r in trial_runs)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_optuna_heartbeat_misses_a_dead_ask_tell_trial(tmp_path: Path) -> None:
+    """Why `recover_dead_trials` is hand-written (tuning.py's docstring): Optuna fails a stale
+    trial only if a heartbeat was recorded, which `Study.optimize` does and ask/tell does not."""
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'heartbeat.db'}",
+        heartbeat_interval=1,
+        grace_period=1,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(),
+    )
+    study = optuna.create_study(storage=storage)
+    space = {"x": FloatDistribution(0, 1)}
+    with pytest.warns(UserWarning, match="supposed to be used with Study.optimize"):
+        asked, beating = study.ask(space), study.ask(space)
+    beating.set_user_attr("pid", 1)
+    storage.record_heartbeat(beating._trial_id)  # what Study.optimize's heartbeat thread does
+    time.sleep(2.2)  # both workers die: silent for longer than the grace period
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [
+        TrialState.RUNNING,  # the ask/tell trial: never failed, the study never finishes
+        TrialState.FAIL,
+        TrialState.WAITING,
+    ]
+    asked.set_user_attr("started", time.time() - 60)
+    assert recover_dead_trials(study, stale_after=30) == 1  # the project's check fails it
+    assert study.trials[0].state == TrialState.FAIL
+    with pytest.warns(UserWarning, match="supposed to be used with Study.optimize"):
+        retry, own_retry = study.ask(space), study.ask(space)
+    assert (retry.params, own_retry.params) == (beating.params, asked.params)
+    assert retry.user_attrs == {"pid": 1}  # a started retry that carries its dead worker's pid
 
 
 def test_sweep_skips_pairs_the_regime_does_not_allow(workdir: Path, capsys) -> None:
