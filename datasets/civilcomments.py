@@ -129,8 +129,8 @@ class _CivilComments(TextBenchmark):
             filename="civilcomments_v1.0.tar.gz",
             provides=(SOURCE,),
             extract=True,
-            note="the WILDS v1.0 CodaLab bundle, about 0.5 GB; WILDS' own downloader fetches it "
-            "too",
+            note="the WILDS v1.0 CodaLab bundle, about 90 MB (0.3 GB unpacked, as WILDS states); "
+            "WILDS' own downloader fetches it too",
             size=90_644_480,  # the `compressed_size` WILDS declares for this bundle
         ),
     )
