@@ -233,13 +233,15 @@ class _FeatureMatching(Method):
         self.features, self.head = feature_split(self.model, dataset, type(self).name)
 
     def penalty(self, features: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        """The mean discrepancy over the pairs of environments (0 with a single one)."""
+        """The mean discrepancy over the pairs of environments (0 with a single one), in
+        float32 even under autocast (distances from inner products lose too much in bf16)."""
         measure = gaussian_mmd if self.discrepancy == "gaussian" else coral_distance
         groups = [features[idx] for idx in environments(a)]
         pairs = list(combinations(groups, 2))
         if not pairs:
             return features.new_zeros(())
-        return sum(measure(x, y) for x, y in pairs) / len(pairs)
+        with torch.autocast(features.device.type, enabled=False):
+            return sum(measure(x.float(), y.float()) for x, y in pairs) / len(pairs)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         features = self.features(batch.x)
