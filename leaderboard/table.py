@@ -600,9 +600,11 @@ def chart_figure(board: Leaderboard):
         axis.axhline(0, color="black", linewidth=0.6)
         axis.set(title=dataset, ylabel="worst-group test accuracy (%)", ylim=(0, 112))
         axis.set_xlim(-0.6, max(len(part), 1) - 0.2)
+    shown = set(measured.regime)
     handles = [
         Patch(facecolor=c, edgecolor="black", linewidth=0.6, label=f"regime {r}")
         for r, c in REGIME_COLOURS.items()
+        if r in shown or not shown
     ]
     if any_published:
         handles.append(Line2D([], [], label="published (MAT paper Table 1)", **PUBLISHED_MARKER))

@@ -125,3 +125,14 @@ def test_bar_chart_writes_the_file(tmp_path: Path) -> None:
     bar_chart(_board(), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not matplotlib.pyplot.get_fignums()  # the figure was closed
+
+
+def test_the_legend_lists_only_the_regimes_shown() -> None:
+    board = _board()
+    board.cells = board.cells[board.cells.regime == "val-only"]
+    figure = chart_figure(board)
+    try:
+        legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    finally:
+        matplotlib.pyplot.close(figure)
+    assert [entry for entry in legend if entry.startswith("regime")] == ["regime val-only"]
