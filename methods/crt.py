@@ -7,6 +7,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 from robustbench_mat.backbones import check_head_split, split_head
 from robustbench_mat.data import BenchmarkDataset, GroupedSplit, balanced_weights
@@ -14,6 +15,7 @@ from robustbench_mat.evaluation import predict
 from robustbench_mat.hparams import HParam
 from robustbench_mat.method import Batch, Method
 from robustbench_mat.methods.jtt import ERMStage, stage_steps
+from robustbench_mat.methods.reweighting import inverse_size_weights
 from robustbench_mat.registry import register_method
 
 if TYPE_CHECKING:
@@ -96,3 +98,27 @@ class CRT(Method):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         return self.dataset.loss(self.head(batch.x), batch.y)
+
+
+@register_method("reweightcrt")
+class ReWeightCRT(CRT):
+    """ReWeightCRT (SubpopBench): CRT's fresh last layer, trained with the cross-entropy weighted
+    by 1 / (group size) on uniform minibatches instead of group-balanced ones.
+
+    The weights are SubpopBench's ReWeight weights (`reweighting.inverse_size_weights`,
+    normalised to sum to the number of groups); everything else is `crt`'s, with the same
+    differences from SubpopBench.
+    """
+
+    def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
+        super().__init__(dataset, hparams)
+        counts = torch.bincount(dataset.split("train").g, minlength=dataset.n_groups)
+        weights = inverse_size_weights(counts, 1.0).float()
+        self.register_buffer("group_weights", weights, persistent=False)
+
+    def train_weights(self, train: GroupedSplit) -> torch.Tensor | None:
+        return None
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        losses = F.cross_entropy(self.head(batch.x).float(), batch.y, reduction="none")
+        return (self.group_weights[batch.g] * losses).mean()

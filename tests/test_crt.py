@@ -7,7 +7,8 @@ import torch
 from helpers import StageContext, only_run_dir, run_tiny
 
 from robustbench_mat.backbones import split_head
-from robustbench_mat.methods.crt import CRT
+from robustbench_mat.method import Batch
+from robustbench_mat.methods.crt import CRT, ReWeightCRT
 from robustbench_mat.registry import DATASETS
 
 
@@ -58,6 +59,22 @@ def test_batches_are_drawn_group_balanced(prepared) -> None:
     assert w_small.item() == pytest.approx(counts[g_large].item() / counts[g_small].item())
 
 
+def test_reweightcrt_weights_each_loss_by_its_inverse_group_size() -> None:
+    """Uniform batches; the loss is mean_i w_g(i) CE_i with w_g = (1/n_g) / Σ_h (1/n_h) · G."""
+    dataset = DATASETS.get("synthetic")(n=200, dim=20)
+    hparams = {k: spec.default for k, spec in ReWeightCRT.hparam_specs(dataset).items()}
+    method = ReWeightCRT(dataset, hparams)
+    train = dataset.split("train")
+    assert method.train_weights(train) is None
+    counts = torch.bincount(train.g, minlength=4).double()
+    expected_weights = (1 / counts) / (1 / counts).sum() * 4
+    torch.testing.assert_close(method.group_weights, expected_weights.float())
+    batch = Batch(torch.arange(8), train.inputs[:8], train.y[:8], train.a[:8], 2)
+    ce = torch.nn.functional.cross_entropy(method.head(batch.x), batch.y, reduction="none")
+    expected = (expected_weights.float()[train.g[:8]] * ce).mean()
+    torch.testing.assert_close(method.loss(batch), expected)
+
+
 def _head_keys(dataset: str, data: dict) -> set[str]:
     """The state-dict keys of the last linear layer of `dataset`'s network."""
     model = DATASETS.get(dataset)(**data).build_model()
@@ -68,11 +85,12 @@ def _head_keys(dataset: str, data: dict) -> set[str]:
     return {f"model.{prefix}.{name}" for name, _ in head.named_parameters()}
 
 
+@pytest.mark.parametrize("method", ["crt", "reweightcrt"])
 @pytest.mark.parametrize(
     ("dataset", "data"), [("synthetic", {"n": 200, "dim": 20}), ("colored-digits", {})]
 )
-def test_only_the_head_moves_in_stage2(workdir, dataset, data) -> None:
-    result = run_tiny(workdir, "crt", dataset=dataset, data_params=data)
+def test_only_the_head_moves_in_stage2(workdir, method, dataset, data) -> None:
+    result = run_tiny(workdir, method, dataset=dataset, data_params=data)
     assert result.regime == "full"
     run_dir = only_run_dir(workdir)
     stage1 = torch.load(run_dir / "stage1.pt", weights_only=True)["method"]
