@@ -102,8 +102,10 @@ class CRT(Method):
 
 @register_method("reweightcrt")
 class ReWeightCRT(CRT):
-    """ReWeightCRT (SubpopBench): CRT's fresh last layer, trained with the cross-entropy weighted
-    by 1 / (group size) on uniform minibatches instead of group-balanced ones.
+    """ReWeightCRT (SubpopBench): CRT's fresh last layer with loss weights 1 / (group size).
+
+    The last layer is trained on uniform minibatches with each cross-entropy weighted by its
+    group's weight, instead of on group-balanced minibatches.
 
     The weights are SubpopBench's ReWeight weights (`reweighting.inverse_size_weights`,
     normalised to sum to the number of groups); everything else is `crt`'s, with the same
