@@ -37,6 +37,10 @@ def relative_difficulty(loss_biased: torch.Tensor, loss_debiased: torch.Tensor) 
     return loss_biased / (loss_biased + loss_debiased + DIFFICULTY_EPSILON)
 
 
+# Per-dataset defaults, chosen by validation worst-group accuracy (see the LfF docstring).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"colored-digits": {"q": 0.3}}
+
+
 @register_method("lff")
 class LfF(Method):
     """LfF (Nam et al. 2020): a GCE-biased network, and a debiased one weighted by its failures.
@@ -62,8 +66,15 @@ class LfF(Method):
     learns the reversed attribute, right on the minority groups and wrong on the majority ones
     (test average near 0.5). The authors' 10-class benchmarks have no single reversed colour.
     On `synthetic` selection by validation worst-group accuracy (the val-only default) picks an
-    earlier, good step; on `colored-digits` the network goes from the colour to the reversed
-    colour between two evaluations (steps 100 and 150 at the defaults), so no step is good.
+    earlier, good step. On `colored-digits` at the paper's q = 0.7 the network goes from the
+    colour to the reversed colour between two evaluations (steps 100 and 150), so no step is
+    good (test worst-group accuracy 0.00 and 0.13 for seeds 0 and 1). A smaller q makes the
+    biased network less confident on the majority, and the drift slower: `colored-digits`
+    therefore defaults to q = 0.3, the value with the best mean validation worst-group accuracy
+    over seeds 0-3 among q in {0.1, 0.3, 0.5, 0.7, 0.9} and both weightings (0.64; q = 0.5 gave
+    0.44, collapsing on seeds 2 and 3), as the paper picks its settings per dataset
+    (`DATASET_DEFAULTS`). Its test worst-group accuracy over seeds 0-3 is 0.67 / 0.61 / 0.73 /
+    0.71, against ERM's 0.60 / 0.49 / 0.52 / 0.55.
     """
 
     paper = (
@@ -93,6 +104,13 @@ class LfF(Method):
             choices=("ema", "instant"),
         ),
     }
+
+    @classmethod
+    def hparam_specs(cls, dataset: BenchmarkDataset) -> dict[str, HParam]:
+        specs = super().hparam_specs(dataset)
+        for name, default in DATASET_DEFAULTS.get(dataset.name, {}).items():
+            specs[name] = specs[name].with_default(default)
+        return specs
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__(dataset, hparams)
