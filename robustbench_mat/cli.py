@@ -470,7 +470,13 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
     sweep = commands.add_parser(
         "sweep", help="tune every allowed (method, dataset, regime) combination"
     )
-    sweep.add_argument("--methods", nargs="+", required=True)
+    sweep.add_argument(
+        "--methods",
+        nargs="+",
+        required=True,
+        help="method names, or `all`: every registered method that trains a classifier "
+        "(all but group-inference methods such as xrm-infer)",
+    )
     sweep.add_argument("--datasets", nargs="+", required=True)
     sweep.add_argument("--regimes", nargs="+", choices=list(REGIMES), default=list(REGIMES))
     reproduce = commands.add_parser(
@@ -662,7 +668,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     log = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     results, skipped = [], []
     for dataset in args.datasets:
-        for method in args.methods:
+        for method in _sweep_methods(args.methods):
             for regime in args.regimes:
                 spec = _tune_spec(args, method, dataset, regime)
                 try:
@@ -683,6 +689,16 @@ def command_sweep(args: argparse.Namespace) -> int:
     for name, reason in skipped:
         print(f"skipped {name}: {reason}")
     return 0
+
+
+def _sweep_methods(names: list[str]) -> list[str]:
+    """`names`, with `all` expanded to every registered method but group-inference ones."""
+    if "all" not in names:
+        return names
+    from robustbench_mat.registry import METHODS
+
+    every = [info.name for info in METHODS if not info.cls.infers_groups]
+    return list(dict.fromkeys(n for name in names for n in (every if name == "all" else [name])))
 
 
 def _add_data_commands(commands: argparse._SubParsersAction) -> None:

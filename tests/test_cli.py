@@ -634,3 +634,32 @@ def test_leaderboard_out_that_cannot_be_written_is_one_line(
     code = main(["leaderboard", "--workdir", str(workdir), *PUBLISHED, "--out", str(out)])
     assert_clean_error(capsys.readouterr(), code, 2, f"--out {out}: ", fragment)
     assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_sweep_methods_all_expands_to_every_training_method() -> None:
+    from robustbench_mat.cli import _sweep_methods
+    from robustbench_mat.registry import METHODS
+
+    every = _sweep_methods(["all"])
+    assert "xrm-infer" not in every and "xrm" in every and "crt" in every
+    assert sorted(every) == sorted(n for n in METHODS.names() if n != "xrm-infer")
+    mat_first = _sweep_methods(["mat", "all"])
+    assert mat_first[0] == "mat" and len(mat_first) == len(every)
+    assert _sweep_methods(["erm", "mat"]) == ["erm", "mat"]
+
+
+@pytest.mark.slow
+def test_a_sweep_of_every_method_finishes_on_synthetic(workdir, capsys) -> None:
+    """Every registered method tunes (1 trial) and runs its best configuration on a tiny
+    synthetic task, in the regimes it allows (each allows full or val-only)."""
+    code = main(
+        ["sweep", "--methods", "all", "--datasets", "synthetic", "--regimes", "full", "val-only"]
+        + ["--trials", "1", "--n-seeds", "1", "--steps", "20", "--eval-every", "10"]
+        + ["--no-prune", "--quiet", "--workdir", str(workdir), "--data", "n=200", "dim=20"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    from robustbench_mat.cli import _sweep_methods
+
+    for method in _sweep_methods(["all"]):
+        assert f"\n{method}.synthetic." in out, method  # one study in full or val-only
