@@ -548,6 +548,13 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
         )
         sub.add_argument("--workers", type=POSITIVE, default=1, help="worker processes (default 1)")
         sub.add_argument(
+            "--devices",
+            type=_gpu_list,
+            metavar="0,1,...",
+            help="GPUs the local workers share, worker i on the i-th modulo their number "
+            "(default: every visible GPU with --device auto or cuda)",
+        )
+        sub.add_argument(
             "--parallel-trials",
             type=POSITIVE,
             default=1,
@@ -594,6 +601,19 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--quiet", action="store_true", help="only the summary")
 
 
+def _gpu_list(text: str) -> list[int]:
+    """`0,1,3` -> [0, 1, 3]: GPU indices for --devices."""
+    try:
+        devices = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of GPU indices (e.g. 0,1)"
+        ) from None
+    if not devices or any(d < 0 for d in devices):
+        raise argparse.ArgumentTypeError(f"{text!r}: give GPU indices 0 or more, e.g. 0,1")
+    return devices
+
+
 def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str | None):
     from robustbench_mat.tuning import TuneSpec
 
@@ -616,6 +636,7 @@ def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str 
         sampler_seed=args.sampler_seed,
         prune=args.prune,
         workers=args.workers,
+        devices=args.devices,
         parallel_trials=args.parallel_trials,
         checkpoint_seconds=args.checkpoint_seconds,
         launcher=args.launcher,

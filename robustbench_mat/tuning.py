@@ -88,6 +88,9 @@ class TuneSpec:
     trial_seed: int = 0
     prune: bool = True
     workers: int = 1
+    # GPU indices the local workers share, worker i on devices[i % len]; None: every visible GPU
+    # when `device` is auto or cuda (a Slurm worker uses the GPU its job was given).
+    devices: list[int] | None = None
     parallel_trials: int = 1  # trials each worker asks for at once and trains stacked
     # Trials and seed runs checkpoint at most this often: a trial of a small model takes
     # seconds, and writing at every evaluation cost more than its training.
@@ -571,6 +574,26 @@ def _short(params: dict[str, Any]) -> str:
 
 
 # --- workers ----------------------------------------------------------------------------------
+def worker_device(spec: TuneSpec, worker: int, gpus: int) -> str:
+    """The `--device` of local worker `worker` on a machine with `gpus` visible GPUs: GPU
+    `devices[worker % len(devices)]` (by default every visible GPU in turn) when the spec asks
+    for CUDA or auto and there is one; otherwise the spec's own device."""
+    if spec.device == "cpu" or (spec.device == "auto" and gpus == 0):
+        return spec.device
+    if spec.device not in ("auto", "cuda"):
+        return spec.device  # an explicit cuda:N pins every worker
+    devices = spec.devices if spec.devices else list(range(gpus))
+    if not devices:
+        return spec.device
+    unknown = [d for d in devices if not 0 <= d < gpus]
+    if unknown:
+        raise UserError(
+            f"--devices {','.join(map(str, spec.devices or []))}: GPU(s) {unknown} not visible "
+            f"here ({gpus} visible: 0 to {gpus - 1}; CUDA_VISIBLE_DEVICES renumbers them)"
+        )
+    return f"cuda:{devices[worker % len(devices)]}"
+
+
 def _worker_main(spec_fields: dict[str, Any], worker: int) -> str | None:
     """Entry point of a worker process (local or on a cluster): None, or the message of the
     `UserError` that stopped it."""
@@ -578,7 +601,11 @@ def _worker_main(spec_fields: dict[str, Any], worker: int) -> str | None:
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, spec_fields["workers"])))
     try:
-        worker_loop(TuneSpec(**spec_fields), worker, log=lambda line: print(line, flush=True))
+        spec = TuneSpec(**spec_fields)
+        if spec.launcher != "slurm":
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            spec = dataclasses.replace(spec, device=worker_device(spec, worker, gpus))
+        worker_loop(spec, worker, log=lambda line: print(line, flush=True))
     except UserError as error:
         return str(error)
     return None
@@ -595,7 +622,10 @@ def _worker_process(spec_fields: dict[str, Any], worker: int) -> None:
 def launch_workers(spec: TuneSpec, workdir: Path, log: Callable[[str], None] = print) -> None:
     fields = dataclasses.asdict(spec)
     if spec.workers == 1 and spec.launcher == "local":
-        worker_loop(spec, log=log)
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        worker_loop(dataclasses.replace(spec, device=worker_device(spec, 0, gpus)), log=log)
         return
     if spec.launcher == "local":
         import multiprocessing
