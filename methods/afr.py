@@ -129,6 +129,7 @@ class AFR(Method):
     paper = (
         "Qiu et al. 2023, Simple and Fast Group Robustness by Automatic Feature Reweighting (ICML)"
     )
+    dataset_defaults = DATASET_DEFAULTS
     hparams = {
         "gamma": HParam(
             14.0,
@@ -167,13 +168,6 @@ class AFR(Method):
             ge=0,
         ),
     }
-
-    @classmethod
-    def hparam_specs(cls, dataset: BenchmarkDataset) -> dict[str, HParam]:
-        specs = super().hparam_specs(dataset)
-        for name, default in DATASET_DEFAULTS.get(dataset.name, {}).items():
-            specs[name] = specs[name].with_default(default)
-        return specs
 
     @classmethod
     def main_steps(cls, hparams: dict[str, Any], run_steps: int) -> int:

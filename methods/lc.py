@@ -85,6 +85,10 @@ def estimate_matrix(
     return torch.where(counts > 0, new, flat).to(matrix.dtype).view_as(matrix)
 
 
+# Per-dataset defaults, chosen by validation worst-group accuracy (see the LC docstring).
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {"synthetic": {"group_mixup": False}}
+
+
 @register_method("lc")
 class LC(Method):
     """LC (Liu et al. 2023): target logits shifted by log p̂(y | â) from a jointly trained GCE model.
@@ -124,10 +128,15 @@ class LC(Method):
     the inputs this reverses the spurious correlation, and a linear target network learns it
     reversed: on `synthetic` the final model misclassifies the majority (train accuracy 0.10,
     test WGA 0) and only early stopping on val WGA keeps a good model (test WGA 0.85 at step
-    100); `--set group_mixup=false` trains stably there (0.90 at step 1000).
+    100). `synthetic` therefore defaults to `group_mixup=false` (`DATASET_DEFAULTS`), the choice
+    with the better validation worst-group accuracy on each of seeds 0-3 (0.90 / 0.91 / 0.95 /
+    0.94 against 0.84 / 0.86 / 0.85 / 0.87 with GroupMixUp), as their README commands set
+    GroupMixUp's ramp per dataset; it trains stably to step 1000 (test WGA 0.90 / 0.92 / 0.94 /
+    0.93).
     """
 
     paper = "Liu et al. 2023, Avoiding Spurious Correlations via Logit Correction (ICLR)"
+    dataset_defaults = DATASET_DEFAULTS
     hparams = {
         "q": HParam(
             0.7,

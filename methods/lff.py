@@ -83,6 +83,7 @@ class LfF(Method):
         "Classifier (NeurIPS)"
     )
     stackable = False  # per-example loss EMAs written by index at every step
+    dataset_defaults = DATASET_DEFAULTS
     hparams = {
         "q": HParam(
             0.7,
@@ -105,13 +106,6 @@ class LfF(Method):
             choices=("ema", "instant"),
         ),
     }
-
-    @classmethod
-    def hparam_specs(cls, dataset: BenchmarkDataset) -> dict[str, HParam]:
-        specs = super().hparam_specs(dataset)
-        for name, default in DATASET_DEFAULTS.get(dataset.name, {}).items():
-            specs[name] = specs[name].with_default(default)
-        return specs
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__(dataset, hparams)

@@ -100,6 +100,9 @@ class Method(nn.Module):
     # them as 0-d tensors; only arithmetic, no `if` on them). Settings not listed are shared.
     stackable: ClassVar[bool] = True
     stack_varying: ClassVar[tuple[str, ...]] = ()
+    # Defaults of the method's own settings that differ on some datasets, by dataset name
+    # (chosen as its paper chooses them; each says why in the method's docstring).
+    dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__()
@@ -122,6 +125,8 @@ class Method(nn.Module):
         for name, distribution in dataset.search_space().items():
             specs[name] = replace(specs[name], search=distribution)
         specs.update(cls.hparams)
+        for name, default in cls.dataset_defaults.get(dataset.name, {}).items():
+            specs[name] = specs[name].with_default(default)
         return specs
 
     @classmethod
