@@ -104,3 +104,16 @@ def test_readme_robustbench_commands_parse_with_the_current_flags(capsys):
                 assert capsys.readouterr().err == "", (start, part)
                 parsed += 1
     assert parsed >= 15
+
+
+def test_every_registered_method_and_dataset_has_a_table_row() -> None:
+    """The methods and datasets tables name every built-in plugin: a new one is documented."""
+    from robustbench_mat.registry import BUILT_IN, DATASETS, METHODS
+
+    rows = {
+        match.group(1)
+        for match in re.finditer(r"^\| `([a-z0-9-]+)` \|", README.read_text(), re.MULTILINE)
+    }
+    plugins = [info for registry in (METHODS, DATASETS) for info in registry]
+    built_in = {info.name for info in plugins if info.source == BUILT_IN}
+    assert sorted(built_in - rows) == []
