@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
+from helpers import run_tiny
 
 from robustbench_mat.datasets.colored_digits import ColoredDigits
 from robustbench_mat.runner import RunSpec, run
@@ -35,3 +39,10 @@ def test_erm_leans_on_the_colour(workdir):
     test = result.selected
     assert test["test_avg"] > 0.7
     assert test["test_wga"] < test["test_avg"] - 0.1
+
+
+@pytest.mark.parametrize("method", ["groupdro", "jtt", "dfr", "subg", "suby", "rwg", "rwy"])
+def test_method_runs_20_steps_on_the_cnn(workdir, method) -> None:
+    """The methods whose own tests use `synthetic`'s linear model also train the CNN."""
+    result = run_tiny(workdir, method, dataset="colored-digits", data_params={})
+    assert math.isfinite(result.final["test_avg"]) and 0 <= result.final["test_wga"] <= 1
