@@ -189,6 +189,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop early once the training loss falls below this",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    _add_acceleration_arguments(parser)
     parser.add_argument(
         "--data-dir", help="where datasets live (default $ROBUSTBENCH_MAT_DATA or ./data)"
     )
@@ -515,6 +516,7 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--steps", type=POSITIVE, help="training steps per run")
         sub.add_argument("--eval-every", type=POSITIVE, help="steps between evaluations")
         sub.add_argument("--device", default="auto", help="auto, cpu or cuda")
+        _add_acceleration_arguments(sub)
         sub.add_argument("--data-dir", help="where datasets live")
         sub.add_argument("--workdir", help="as for `run`")
         sub.add_argument(
@@ -601,6 +603,24 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--quiet", action="store_true", help="only the summary")
 
 
+def _add_acceleration_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        default="auto",
+        help="autocast precision on a GPU: auto is bf16 where the GPU has it natively, else fp16 "
+        "with loss scaling; the CPU trains in fp32",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the network(s) (GPU, opt-in)"
+    )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels and no cuDNN autotuning: bitwise-repeatable GPU runs, slower",
+    )
+
+
 def _gpu_list(text: str) -> list[int]:
     """`0,1,3` -> [0, 1, 3]: GPU indices for --devices."""
     try:
@@ -627,6 +647,9 @@ def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str 
         steps=args.steps,
         eval_every=args.eval_every,
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        deterministic=args.deterministic,
         hparams=parse_assignments(args.hparams, "--set"),
         data_params=parse_assignments(args.data_params, "--data"),
         data_dir=args.data_dir,
@@ -785,6 +808,9 @@ def command_run(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         device=args.device,
+        precision=args.precision,
+        compile=args.compile,
+        deterministic=args.deterministic,
         hparams=parse_assignments(args.hparams, "--set"),
         data_params=parse_assignments(args.data_params, "--data"),
         data_dir=args.data_dir,

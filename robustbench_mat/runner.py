@@ -31,6 +31,7 @@ from filelock import FileLock, Timeout
 from robustbench_mat.data import BenchmarkDataset, stable_hash
 from robustbench_mat.errors import RunFailed, RunPruned, UserError, first_line
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
+from robustbench_mat.hardware import Acceleration, backends, resolve_precision
 from robustbench_mat.hparams import resolve, sample_configurations
 from robustbench_mat.method import Method
 from robustbench_mat.protocols import Protocol, get_protocol
@@ -81,6 +82,11 @@ class RunSpec:
     snapshots: int | None = None
     name: str | None = None  # the MLflow run name, when not "<method> <regime> seed <seed>"
     device: str = "auto"
+    # How the device is used (`hardware`): autocast precision, torch.compile, deterministic
+    # kernels. On the CPU only `auto`/`fp32` precision exists and the numbers never change.
+    precision: str = "auto"
+    compile: bool = False
+    deterministic: bool = False
     hparams: dict[str, Any] = field(default_factory=dict)
     data_params: dict[str, Any] = field(default_factory=dict)
     data_dir: str | Path | None = None
@@ -154,8 +160,29 @@ class RunPlan:
                 "inference": self.inference_settings(),
                 "stop_loss": self.spec.stop_loss,
                 **self._subset_key(),
+                **self._acceleration_key(),
             }
         )
+
+    @functools.cached_property
+    def acceleration(self) -> Acceleration:
+        """The resolved device settings (precision `auto` becomes the device's)."""
+        return Acceleration(
+            resolve_precision(self.spec.precision, self.device),
+            self.spec.compile,
+            self.spec.deterministic,
+        )
+
+    def _acceleration_key(self) -> dict[str, Any]:
+        # CPU runs (fp32, default kernels) keep the keys they always had.
+        key: dict[str, Any] = {}
+        if self.device.type == "cuda":
+            key["precision"] = self.acceleration.precision
+        if self.spec.compile:
+            key["compile"] = True
+        if self.spec.deterministic:
+            key["deterministic"] = True
+        return key
 
     def _subset_key(self) -> dict[str, Any]:
         # Runs on the whole training split, without snapshots, keep the keys they always had.
@@ -211,6 +238,7 @@ class RunPlan:
                 }
             ),
             **({} if self.spec.snapshots is None else {"snapshots": self.spec.snapshots}),
+            **self.acceleration.params(self.device),
         }
 
     def inference_settings(self) -> dict[str, Any] | None:
@@ -378,6 +406,7 @@ def plan(spec: RunSpec) -> RunPlan:
         resolve_workdir(spec.workdir),
         protocol,
     )
+    resolve_precision(spec.precision, the_plan.device)  # fails before anything starts
     if the_plan.inferrer is not None:
         if spec.inference_trials < 1:
             raise UserError(f"--infer-trials must be at least 1, got {spec.inference_trials}")
@@ -528,6 +557,14 @@ class _Started:
 def _train_many(plans: list[RunPlan]) -> list[RunResult | Exception]:
     """Start, train (stacked where possible) and record `plans`; with one plan, its exception
     is raised, else each plan's exception is returned in its place."""
+    if not plans:
+        return []
+    deterministic = any(the_plan.spec.deterministic for the_plan in plans)
+    with backends(plans[0].device, deterministic):
+        return _start_train_record(plans)
+
+
+def _start_train_record(plans: list[RunPlan]) -> list[RunResult | Exception]:
     alone = len(plans) == 1
     outcomes: list[RunResult | Exception | None] = [None] * len(plans)
     started: list[tuple[int, _Started]] = []
@@ -668,6 +705,9 @@ def inference_specs(the_plan: RunPlan) -> list[RunSpec]:
             regime="none",
             steps=spec.inference_steps,
             device=spec.device,
+            precision=spec.precision,
+            compile=spec.compile,
+            deterministic=spec.deterministic,
             hparams=configuration,
             data_params={**the_plan.dataset.config, **settings["data"]},
             protocol=spec.protocol,
@@ -718,6 +758,7 @@ def _prepare(run_: _Started) -> None:
         stop_loss=spec.stop_loss,
         snapshot_every=the_plan.snapshot_every,
         snapshot_dir=the_plan.run_dir / "snapshots",
+        acceleration=the_plan.acceleration,
         inferred_val_groups=None
         if inferred is None
         else inferred.eval_groups(

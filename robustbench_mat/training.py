@@ -33,6 +33,7 @@ from robustbench_mat.evaluation import (
     predict,
     train_group_weights,
 )
+from robustbench_mat.hardware import Acceleration, autocast, grad_scaler, prepare_networks
 from robustbench_mat.method import Batch, Method
 
 
@@ -158,6 +159,7 @@ class LoopSettings:
     # last step into `snapshot_dir` (TracIn self-influence reads them); None saves none.
     snapshot_every: int | None = None
     snapshot_dir: Path | None = None
+    acceleration: Acceleration = field(default_factory=Acceleration)
 
 
 @dataclass
@@ -331,6 +333,15 @@ def train_jobs(
     return [outcomes[index] for index in range(len(jobs))]
 
 
+def _acceleration_alone(settings: LoopSettings) -> str | None:
+    """Why the device settings make a model train alone, or None."""
+    if settings.acceleration.precision == "fp16":
+        return "fp16 trains with a loss scaler, one model at a time"
+    if settings.acceleration.compile:
+        return "--compile compiles each network on its own"
+    return None
+
+
 def _stacks(models: list[_Model]) -> list[list[_Model]]:
     """Groups of models to train together; a model that cannot be stacked is alone (and says
     so once per method when it was asked to share)."""
@@ -341,7 +352,7 @@ def _stacks(models: list[_Model]) -> list[list[_Model]]:
     groups: dict[Any, list[_Model]] = {}
     alone, reasons = [], {}
     for model in models:
-        reason = why_not_stackable(model.method)
+        reason = why_not_stackable(model.method) or _acceleration_alone(model.settings)
         if reason is not None:
             alone.append([model])
             reasons.setdefault(type(model.method).name, reason)
@@ -354,6 +365,7 @@ def _stacks(models: list[_Model]) -> list[list[_Model]]:
             s.eval_every,
             s.checkpoint_every,
             s.snapshot_every,
+            s.acceleration,
             str(s.device),
             s.stop_loss,
             s.evaluate_train,
@@ -381,6 +393,7 @@ class _Model:
         self.method, self.settings = job.method, job.settings
         method, settings = self.method, self.settings
         method.to(settings.device)
+        prepare_networks(method, settings.device, settings.acceleration.compile)
         self.optimizer = method.configure_optimizer()
         self.scheduler = method.configure_scheduler(self.optimizer, settings.steps)
         self.train_split = method.train_split()
@@ -525,6 +538,7 @@ class _Alone:
         self.stream = _Stream(
             model.train_split, model.schedule, settings.device, settings.num_workers
         )
+        self.scaler = grad_scaler(settings.device, settings.acceleration.precision)
         if model.rng is not None:
             _set_rng_state(model.rng)
 
@@ -534,13 +548,18 @@ class _Alone:
         n_attributes = model.dataset.n_attributes
         for step, (idx, x, y, a) in enumerate(self.stream.batches(start, stop), start=start + 1):
             batch = Batch(idx, x, y, a if show_groups else None, n_attributes)
-            with _autocast(model.settings.device):
+            with _autocast(model.settings):
                 loss = method.loss(batch)
             value = loss.item()
             if math.isfinite(value):
                 model.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                model.optimizer.step()
+                if self.scaler is None:
+                    loss.backward()
+                    model.optimizer.step()
+                else:
+                    self.scaler.scale(loss).backward()
+                    self.scaler.step(model.optimizer)
+                    self.scaler.update()
                 if model.scheduler is not None:
                     model.scheduler.step()
                 method.after_step(batch, step)
@@ -550,7 +569,7 @@ class _Alone:
         settings = model.settings
 
         def logits(split: GroupedSplit) -> torch.Tensor:
-            with _autocast(settings.device):
+            with _autocast(settings):
                 return predict(
                     model.method.predict,
                     split,
@@ -613,7 +632,7 @@ class _Stacked:
             a = self.a[idx] if show_groups else None
             x = self.full_x if self.full_x is not None else self.x[idx]
             try:
-                with _autocast(self.device):
+                with _autocast(first.settings):
                     losses, gradients = stack.losses_and_gradients(
                         idx, x, self.y[idx], a, first.dataset.n_attributes, not self.shared
                     )
@@ -649,7 +668,7 @@ class _Stacked:
 
         def logits(split: GroupedSplit) -> torch.Tensor:
             if (k, split.name) not in self._logits:
-                with _autocast(self.device):
+                with _autocast(model.settings):
                     chunks = [
                         self.stack.predict(split.inputs[i : i + size].to(self.device))
                         for i in range(0, len(split), size)
@@ -770,7 +789,5 @@ def _loop(models: list[_Model]) -> None:
         bar.close()
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+def _autocast(settings: LoopSettings) -> contextlib.AbstractContextManager:
+    return autocast(settings.device, settings.acceleration.precision)

@@ -78,6 +78,9 @@ class TuneSpec:
     steps: int | None = None
     eval_every: int | None = None
     device: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    deterministic: bool = False
     hparams: dict[str, Any] = field(default_factory=dict)
     data_params: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
@@ -116,6 +119,9 @@ class TuneSpec:
             eval_every=self.eval_every,
             checkpoint_seconds=self.checkpoint_seconds,
             device=self.device,
+            precision=self.precision,
+            compile=self.compile,
+            deterministic=self.deterministic,
             hparams={**hparams, **self.hparams},
             data_params=dict(self.data_params),
             data_dir=self.data_dir,

@@ -1,0 +1,88 @@
+"""Device settings: precision resolved per device, switches recorded, deterministic kernels on
+request and restored after, CPU numbers unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import run_tiny
+
+from robustbench_mat import hardware
+from robustbench_mat.errors import UserError
+from robustbench_mat.hardware import Acceleration, backends, resolve_precision
+from robustbench_mat.runner import RunSpec, plan
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def test_precision_on_the_cpu_is_fp32_and_mixed_precision_is_refused() -> None:
+    assert resolve_precision("auto", CPU) == resolve_precision("fp32", CPU) == "fp32"
+    for name in ("bf16", "fp16"):
+        with pytest.raises(UserError, match=f"--precision {name}: mixed precision is for CUDA"):
+            resolve_precision(name, CPU)
+
+
+def test_auto_precision_on_a_gpu_follows_native_bf16(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_precision("auto", CUDA) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    assert resolve_precision("auto", CUDA) == "fp16"
+    assert resolve_precision("fp32", CUDA) == "fp32"
+    with pytest.raises(UserError, match="Tesla V100 has no native bf16; use --precision fp16"):
+        resolve_precision("bf16", CUDA)
+
+
+def test_autocast_and_loss_scaling_only_where_they_apply() -> None:
+    assert hardware.grad_scaler(CPU, "fp32") is None
+    assert hardware.grad_scaler(CUDA, "bf16") is None  # bf16 keeps float32's exponent range
+    with hardware.autocast(CPU, "fp32"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_deterministic_kernels_are_on_inside_the_run_and_restored_after(monkeypatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    with backends(CPU, deterministic=True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert hardware.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert not torch.backends.cudnn.benchmark
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in hardware.os.environ
+
+
+def test_gpu_switches_are_recorded() -> None:
+    assert Acceleration("bf16").params(CUDA) == {
+        "precision": "bf16",
+        "compile": False,
+        "deterministic": False,
+        "cudnn_benchmark": True,
+        "tf32": True,
+        "channels_last": True,
+    }
+    assert Acceleration("fp32", deterministic=True).params(CUDA)["cudnn_benchmark"] is False
+    assert Acceleration().params(CPU)["tf32"] is False
+
+
+def test_cpu_runs_keep_their_keys_and_numbers(workdir) -> None:
+    spec = dict(method="erm", dataset="synthetic", data_params={"n": 50, "dim": 8}, device="cpu")
+    assert plan(RunSpec(**spec)).key == plan(RunSpec(**spec, precision="fp32")).key
+    assert plan(RunSpec(**spec)).key != plan(RunSpec(**spec, deterministic=True)).key
+    with pytest.raises(UserError, match="--precision fp16"):
+        plan(RunSpec(**spec, precision="fp16"))
+    plain = run_tiny(workdir, "erm")
+    deterministic = run_tiny(workdir, "erm", deterministic=True)
+    assert deterministic.run_key != plain.run_key
+    assert deterministic.final == plain.final  # the CPU's kernels are deterministic already
+
+
+def test_a_run_records_its_device_settings(workdir) -> None:
+    import mlflow
+
+    result = run_tiny(workdir, "erm", deterministic=True)
+    params = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
+    assert (params["precision"], params["deterministic"], params["compile"]) == (
+        "fp32",
+        "True",
+        "False",
+    )
