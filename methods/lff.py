@@ -160,7 +160,7 @@ class LfF(Method):
         ce_biased = F.cross_entropy(logits_biased.float(), batch.y, reduction="none")
         ce_debiased = F.cross_entropy(logits_debiased.float(), batch.y, reduction="none")
         weights = self.example_weights(batch.indices, ce_biased.detach(), ce_debiased.detach())
-        self._mean_weight = weights.mean().item()
+        self._mean_weight = weights.mean().detach()  # read on the host only when logged
         gce = generalized_cross_entropy(logits_biased, batch.y, self.hp["q"])
         return (ce_debiased * weights).mean() + gce.mean()
 
@@ -168,4 +168,4 @@ class LfF(Method):
         return self.model["debiased"](x)
 
     def logged_state(self) -> dict[str, float]:
-        return {"lff_mean_weight": self._mean_weight}
+        return {"lff_mean_weight": float(self._mean_weight)}

@@ -30,7 +30,8 @@ MIX_METHODS = ("mixup", "cutmix")
 def beta(alpha: float, n: int | None = None, device: torch.device | None = None) -> torch.Tensor:
     """Draws from Beta(α, α) on the global torch generator: one (0-d) or `n`."""
     concentration = torch.tensor(float(alpha))
-    draw = torch.distributions.Beta(concentration, concentration)
+    # validate_args=False: checking the parameters reads them on the host at every draw
+    draw = torch.distributions.Beta(concentration, concentration, validate_args=False)
     return draw.sample(() if n is None else (n,)).to(device)
 
 
@@ -178,9 +179,9 @@ class Mixup(_Mixing):
         ),
     }
 
-    def draw(self, n: int, device: torch.device) -> tuple[float, torch.Tensor]:
-        """λ and the permutation of one step."""
-        ratio = float(beta(self.hp["alpha"])) if self.hp["alpha"] > 0 else 1.0
+    def draw(self, n: int, device: torch.device) -> tuple[torch.Tensor | float, torch.Tensor]:
+        """λ (a 0-d tensor on `device`, or 1.0 for α = 0) and the permutation of one step."""
+        ratio = beta(self.hp["alpha"], device=device) if self.hp["alpha"] > 0 else 1.0
         return ratio, torch.randperm(n).to(device)
 
     def loss(self, batch: Batch) -> torch.Tensor:

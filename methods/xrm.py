@@ -85,13 +85,16 @@ class XRMGroupInference(Method):
         n_classes = self.dataset.n_classes
         counts = torch.bincount(labels, minlength=n_classes)
         sums = torch.zeros(n_classes, device=losses.device).index_add_(0, labels, losses)
-        present = counts > 0
-        return (sums[present] / counts[present]).sum()
+        return torch.where(counts > 0, sums / counts.clamp(min=1), 0.0).sum()
 
     def after_step(self, batch: Batch, step: int) -> None:
         confidence, prediction = F.softmax(self._held_out.float(), dim=1).max(1)
         flip = torch.bernoulli(flip_probability(confidence, self.dataset.n_classes)).bool()
-        self.labels[batch.indices[flip]] = prediction[flip]
+        # Without boolean indexing, which waits for the GPU: a flipped example's new label, -1
+        # for the others; a duplicate of the batch is flipped if any of its copies is.
+        proposed = torch.full_like(self.labels, -1)
+        proposed.scatter_reduce_(0, batch.indices, torch.where(flip, prediction, -1), "amax")
+        self.labels.copy_(torch.where(proposed >= 0, proposed, self.labels))
 
     def flip_rate(self) -> float:
         """Fraction of training labels that currently differ from the true ones."""
