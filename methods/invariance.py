@@ -8,6 +8,7 @@ too), so an environment's share of a batch follows its share of the training spl
 
 from __future__ import annotations
 
+import functools
 from itertools import combinations
 from typing import Any, ClassVar
 
@@ -28,22 +29,50 @@ SUBPOPBENCH = "Yang et al. 2023, Change is Hard: A Closer Look at Subpopulation 
 KERNEL_GAMMAS = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
 
 
-def environments(a: torch.Tensor) -> list[torch.Tensor]:
-    """The indices of each attribute value present in `a`, in increasing order of the value."""
-    return [torch.nonzero(a == value)[:, 0] for value in torch.unique(a)]
+def environment_masks(a: torch.Tensor, n_attributes: int) -> torch.Tensor:
+    """One row per attribute value 0..n_attributes-1, marking the examples that have it (float;
+    a value absent from the minibatch gives a row of zeros). Masks, not index lists: splitting a
+    minibatch by value with `unique`/`nonzero` would wait for the GPU at every step."""
+    values = torch.arange(n_attributes, device=a.device)
+    return (a[None, :] == values[:, None]).float()
 
 
-def irm_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """IRMv1's penalty on one environment: the product of the gradients, with respect to a dummy
-    scale w = 1 of the logits, of the cross-entropy of its even-indexed and of its odd-indexed
-    examples (an unbiased estimate of the squared gradient of its risk). Zero for an environment
-    of fewer than two examples, where one half is empty."""
-    if len(y) < 2:
-        return logits.new_zeros(())
-    scale = torch.ones((), device=logits.device, dtype=logits.dtype, requires_grad=True)
-    halves = [F.cross_entropy(logits[start::2] * scale, y[start::2]) for start in (0, 1)]
-    grads = [torch.autograd.grad(half, scale, create_graph=True)[0] for half in halves]
-    return grads[0] * grads[1]
+def present_mean(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The mean of per-environment `values` over the environments present in the minibatch."""
+    present = (masks.sum(1) > 0).to(values.dtype)
+    return (values * present).sum() / present.sum().clamp(min=1)
+
+
+def environment_risks(losses: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The mean loss of each environment (0 for an absent one)."""
+    return (masks @ losses) / masks.sum(1).clamp(min=1)
+
+
+def irm_penalties(logits: torch.Tensor, y: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """IRMv1's penalty of each environment: the product of the gradients, with respect to a
+    dummy scale w = 1 of the logits, of the cross-entropy of its even-positioned and of its
+    odd-positioned examples (in minibatch order; an unbiased estimate of the squared gradient
+    of its risk). The gradient of CE(w z, y) at w = 1 is (softmax(z) - e_y) . z, per example.
+    Zero for an environment of fewer than two examples, where one half is empty."""
+    one_hot = (y[:, None] == torch.arange(logits.shape[1], device=y.device)).to(logits.dtype)
+    slopes = ((torch.softmax(logits, dim=1) - one_hot) * logits).sum(1)
+    position = masks.cumsum(1) - 1
+    even = masks * (position.remainder(2) == 0)
+    odd = masks * (position.remainder(2) == 1)
+    gradient_even = (even @ slopes) / even.sum(1).clamp(min=1)
+    gradient_odd = (odd @ slopes) / odd.sum(1).clamp(min=1)
+    return torch.where(masks.sum(1) >= 2, gradient_even * gradient_odd, 0.0)
+
+
+def pairs_of_present(masks: torch.Tensor) -> list[tuple[int, int, torch.Tensor]]:
+    """(e, f, weight) for every pair e < f of attribute values: 1 / (number of pairs of values
+    present in the minibatch) when both e and f are present, else 0."""
+    present = (masks.sum(1) > 0).to(masks.dtype)
+    count = present.sum()
+    n_pairs = (count * (count - 1) / 2).clamp(min=1)
+    return [
+        (e, f, present[e] * present[f] / n_pairs) for e, f in combinations(range(len(masks)), 2)
+    ]
 
 
 def squared_distances(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -60,27 +89,34 @@ def gaussian_kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return sum(torch.exp(-gamma * distances) for gamma in KERNEL_GAMMAS)
 
 
-def gaussian_mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The (biased) squared MMD of two feature sets under `gaussian_kernel`:
-    mean K(x, x) + mean K(y, y) - 2 mean K(x, y)."""
-    return (
-        gaussian_kernel(x, x).mean()
-        + gaussian_kernel(y, y).mean()
-        - 2 * gaussian_kernel(x, y).mean()
-    )
+def gaussian_mmd(kernel: torch.Tensor, masks: torch.Tensor, e: int, f: int) -> torch.Tensor:
+    """The (biased) squared MMD between environments e and f, from the minibatch's kernel
+    matrix (`gaussian_kernel`): mean K(x_e, x_e) + mean K(x_f, x_f) - 2 mean K(x_e, x_f)."""
+    sizes = masks.sum(1).clamp(min=1)
+
+    def mean_kernel(i: int, j: int) -> torch.Tensor:
+        return masks[i] @ kernel @ masks[j] / (sizes[i] * sizes[j])
+
+    return mean_kernel(e, e) + mean_kernel(f, f) - 2 * mean_kernel(e, f)
 
 
-def covariance(x: torch.Tensor) -> torch.Tensor:
-    """The unbiased covariance of the rows of `x` (zero for a single row)."""
-    centred = x - x.mean(0, keepdim=True)
-    return centred.T @ centred / max(len(x) - 1, 1)
+def moments(features: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each environment's feature mean and unbiased covariance (zero for a single example)."""
+    sizes = masks.sum(1)
+    means = (masks @ features) / sizes.clamp(min=1)[:, None]
+    centred = (features[None] - means[:, None]) * masks[:, :, None]
+    covariances = torch.einsum("ebi,ebj->eij", centred, centred)
+    return means, covariances / (sizes - 1).clamp(min=1)[:, None, None]
 
 
-def coral_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The mean squared difference of the two feature means plus that of the two covariance
-    matrices (SubpopBench's `mean_cov` kernel)."""
-    mean_diff = (x.mean(0) - y.mean(0)).pow(2).mean()
-    cov_diff = (covariance(x) - covariance(y)).pow(2).mean()
+def coral_distance(
+    environment_moments: tuple[torch.Tensor, torch.Tensor], e: int, f: int
+) -> torch.Tensor:
+    """The mean squared difference of the feature means of environments e and f plus that of
+    their covariance matrices (SubpopBench's `mean_cov` kernel)."""
+    means, covariances = environment_moments
+    mean_diff = (means[e] - means[f]).pow(2).mean()
+    cov_diff = (covariances[e] - covariances[f]).pow(2).mean()
     return mean_diff + cov_diff
 
 
@@ -113,10 +149,10 @@ class _AnnealedPenalty(Method):
         super().__init__(dataset, hparams)
         self.register_buffer("update_count", torch.zeros((), dtype=torch.long))
 
-    def penalty_weight(self) -> float:
-        if int(self.update_count) >= self.hp["anneal_iters"]:
-            return self.hp["penalty_weight"]
-        return 1.0
+    def penalty_weight(self) -> torch.Tensor:
+        """1 before `anneal_iters` steps, λ after (a tensor: no read of the count on the host)."""
+        annealed = self.update_count >= self.hp["anneal_iters"]
+        return torch.where(annealed, float(self.hp["penalty_weight"]), 1.0)
 
     def after_step(self, batch: Batch, step: int) -> None:
         self.update_count.fill_(step)
@@ -128,7 +164,7 @@ class IRM(_AnnealedPenalty):
 
     Each step splits the minibatch by attribute value and minimises
     mean_e CE_e + w * mean_e P_e, with CE_e the mean cross-entropy of environment e and P_e
-    `irm_penalty`: the product of the gradients, with respect to a dummy scale 1.0 of the
+    `irm_penalties`: the product of the gradients, with respect to a dummy scale 1.0 of the
     logits, of the risks of e's even- and odd-indexed examples. w is 1 for the first
     `anneal_iters` steps (steps already taken < anneal_iters) and `penalty_weight` (λ)
     afterwards.
@@ -160,9 +196,10 @@ class IRM(_AnnealedPenalty):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         logits = self.model(batch.x).float()
-        groups = environments(batch.a)
-        nll = sum(F.cross_entropy(logits[idx], batch.y[idx]) for idx in groups) / len(groups)
-        penalty = sum(irm_penalty(logits[idx], batch.y[idx]) for idx in groups) / len(groups)
+        masks = environment_masks(batch.a, batch.n_attributes)
+        losses = F.cross_entropy(logits, batch.y, reduction="none")
+        nll = present_mean(environment_risks(losses, masks), masks)
+        penalty = present_mean(irm_penalties(logits, batch.y, masks), masks)
         return nll + self.penalty_weight() * penalty
 
 
@@ -201,16 +238,14 @@ class VREx(_AnnealedPenalty):
         ),
     }
 
-    def environment_risks(self, batch: Batch) -> torch.Tensor:
-        logits = self.model(batch.x).float()
-        return torch.stack(
-            [F.cross_entropy(logits[idx], batch.y[idx]) for idx in environments(batch.a)]
-        )
-
     def loss(self, batch: Batch) -> torch.Tensor:
-        risks = self.environment_risks(batch)
-        mean = risks.mean()
-        return mean + self.penalty_weight() * (risks - mean).pow(2).mean()
+        logits = self.model(batch.x).float()
+        masks = environment_masks(batch.a, batch.n_attributes)
+        losses = F.cross_entropy(logits, batch.y, reduction="none")
+        risks = environment_risks(losses, masks)
+        mean = present_mean(risks, masks)
+        variance = present_mean((risks - mean).pow(2), masks)
+        return mean + self.penalty_weight() * variance
 
 
 class _FeatureMatching(Method):
@@ -235,13 +270,16 @@ class _FeatureMatching(Method):
     def penalty(self, features: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         """The mean discrepancy over the pairs of environments (0 with a single one), in
         float32 even under autocast (distances from inner products lose too much in bf16)."""
-        measure = gaussian_mmd if self.discrepancy == "gaussian" else coral_distance
-        groups = [features[idx] for idx in environments(a)]
-        pairs = list(combinations(groups, 2))
-        if not pairs:
-            return features.new_zeros(())
+        masks = environment_masks(a, self.dataset.n_attributes)
         with torch.autocast(features.device.type, enabled=False):
-            return sum(measure(x.float(), y.float()) for x, y in pairs) / len(pairs)
+            features = features.float()
+            if self.discrepancy == "gaussian":
+                kernel = gaussian_kernel(features, features)
+                measure = functools.partial(gaussian_mmd, kernel, masks)
+            else:
+                measure = functools.partial(coral_distance, moments(features, masks))
+            terms = [weight * measure(e, f) for e, f, weight in pairs_of_present(masks)]
+            return sum(terms, features.new_zeros(()))
 
     def loss(self, batch: Batch) -> torch.Tensor:
         features = self.features(batch.x)
