@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -40,10 +39,9 @@ def logit_correction(prior: torch.Tensor, eta: float = ETA) -> torch.Tensor:
     return torch.log(prior.pow(eta) + PRIOR_EPSILON)
 
 
-def sigmoid_rampup(progress: float) -> float:
+def sigmoid_rampup(progress: torch.Tensor) -> torch.Tensor:
     """exp(-5 (1 - t)^2) for t = `progress` clipped to [0, 1]: 0.007 at 0, 1 at 1."""
-    t = min(max(progress, 0.0), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2)
+    return torch.exp(-5.0 * (1.0 - progress.clamp(0.0, 1.0)) ** 2)
 
 
 def estimate_matrix(
@@ -259,26 +257,28 @@ class LC(Method):
         self.update_prior(batch.indices, batch.y, attr)
         return logit_correction(conditional_prior(self.prior_matrix, attr)), attr
 
-    def mixup_strength(self) -> float:
-        """t: 0.5 x the sigmoid ramp over `mixup_rampup` of the run (0.5 without a ramp)."""
+    def mixup_strength(self) -> torch.Tensor | float:
+        """t: 0.5 x the sigmoid ramp over `mixup_rampup` of the run (0.5 without a ramp); a
+        tensor during the ramp, so that the step count is never read on the host."""
         length = self.hp["mixup_rampup"] * self.total_steps
         if length <= 0:
             return 0.5
-        return 0.5 * sigmoid_rampup(int(self.steps_done) / length)
+        return 0.5 * sigmoid_rampup(self.steps_done.float() / length)
 
     def mixup_partners(self, y: torch.Tensor, attr: torch.Tensor) -> torch.Tensor:
         """For each example, a random pseudo-minority example (â != y) of its class, drawn with
-        replacement; a random permutation of its class where the class has none."""
-        partner = torch.arange(len(y), device=y.device)
-        minority = attr != y
-        for c in torch.unique(y).tolist():
-            members = torch.nonzero(y == c)[:, 0]
-            pool = members[minority[members]]
-            if len(pool) > 0:
-                partner[members] = pool[torch.randint(len(pool), (len(members),)).to(y.device)]
-            else:
-                partner[members] = members[torch.randperm(len(members)).to(y.device)]
-        return partner
+        replacement; where its class has none, its image under a random permutation of the
+        class. Drawn with tensor operations only (random scores, argmax and sorts), so that the
+        step never waits for the GPU."""
+        n = len(y)
+        candidates = (y[:, None] == y[None, :]) & (attr != y)[None, :]
+        scores = torch.rand(n, n, device=y.device).masked_fill(~candidates, -1.0)
+        drawn = scores.argmax(1)
+        by_index = torch.argsort(y, stable=True)
+        by_random_key = torch.argsort(y + torch.rand(n, device=y.device) * 0.5)
+        permuted = torch.empty_like(y)
+        permuted[by_index] = by_random_key
+        return torch.where(candidates.any(1), drawn, permuted)
 
     def target_logits(
         self, x: torch.Tensor, mix: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -303,7 +303,7 @@ class LC(Method):
         mix = None
         if self.hp["group_mixup"]:
             strength = self.mixup_strength()
-            lam = 1 - 2 * strength + strength * torch.rand(()).item()
+            lam = 1 - 2 * strength + strength * torch.rand((), device=batch.y.device)
             partner = self.mixup_partners(batch.y, attr)
 
             def mix(values: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,6 @@ TORCH_SIZED = ("nonzero", "unique", "masked_select")
 # Methods that still read values on the host inside a step, with their count per step and why.
 KNOWN = {
     "lisa": "pairs are drawn per (label, attribute) cell with Python loops over the cells",
-    "lc": "GroupMixUp draws a partner per class with a loop over the batch's classes",
 }
 
 
