@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from robustbench_mat import training
-from robustbench_mat.registry import METHODS
+from robustbench_mat.registry import BUILT_IN, METHODS
 from robustbench_mat.runner import RunSpec, run
 
 TENSOR_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero")
@@ -94,7 +94,7 @@ def counting(monkeypatch) -> Iterator[SyncCounter]:
     yield counter
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS.names())))
+@pytest.mark.parametrize("method", sorted(info.name for info in METHODS if info.source == BUILT_IN))
 def test_a_training_step_reads_the_host_at_most_once(tmp_path, monkeypatch, method) -> None:
     hparams = {"group_mixup": True} if method == "lc" else {}
     with counting(monkeypatch) as counter:
