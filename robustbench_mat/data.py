@@ -117,6 +117,9 @@ class BenchmarkDataset:
         self.config = resolve(self.params, params, f"dataset {self.name!r}")
         self.check_config()
         self._splits: dict[str, GroupedSplit] = {}
+        # Where inputs derived from the data (cached backbone features) are computed: the run's
+        # device once a run plans this dataset; None picks CUDA when present.
+        self.device: torch.device | None = None
 
     # --- what a plugin implements -------------------------------------------------------------
     def check_config(self) -> None:

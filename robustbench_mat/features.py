@@ -59,8 +59,10 @@ def cached_features(
     inputs: Callable[[], torch.utils.data.Dataset],
     show_progress: bool = True,
     batch_size: int = 64,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
-    """The features stored at `path`, extracted (and stored atomically) on first use."""
+    """The features stored at `path`, extracted on `device` (and stored atomically) on first
+    use."""
     if path.exists():
         return load_file(path)["features"]
     features = extract_features(
@@ -69,6 +71,7 @@ def cached_features(
         batch_size=batch_size,
         show_progress=show_progress,
         description=f"features {path.parent.name}/{path.name.split('-')[0]}",
+        device=device,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -126,6 +126,7 @@ class ImageBenchmark(FileDataset):
                 self.feature_path(split),
                 lambda: backbones.resnet50(None, self.config["weights"]),
                 lambda: self.images(split),
+                device=self.device,
             )
             return SplitArrays(features, y, a)
         return SplitArrays(self.images(split), y, a)

@@ -407,6 +407,7 @@ def plan(spec: RunSpec) -> RunPlan:
         protocol,
     )
     resolve_precision(spec.precision, the_plan.device)  # fails before anything starts
+    dataset.device = the_plan.device  # cached features are extracted on the run's device
     if the_plan.inferrer is not None:
         if spec.inference_trials < 1:
             raise UserError(f"--infer-trials must be at least 1, got {spec.inference_trials}")

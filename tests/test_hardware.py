@@ -86,3 +86,33 @@ def test_a_run_records_its_device_settings(workdir) -> None:
         "True",
         "False",
     )
+
+
+def test_cached_features_are_extracted_on_the_runs_device(tmp_path, monkeypatch) -> None:
+    from upstream_fixtures import write_waterbirds
+
+    from robustbench_mat import features
+    from robustbench_mat.datasets.waterbirds import Waterbirds
+    from robustbench_mat.download import prepare_dataset
+
+    write_waterbirds(tmp_path / "data" / "waterbirds")
+    prepare_dataset(Waterbirds, tmp_path / "data", show_progress=False)
+    devices = []
+    extract = features.extract_features
+
+    def recording(*args, device=None, **kwargs):
+        devices.append(device)
+        return extract(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(features, "extract_features", recording)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # `auto` would pick CUDA
+    spec = RunSpec(
+        method="erm",
+        dataset="waterbirds",
+        device="cpu",
+        data_params={"features": "resnet50", "weights": "none", "image_size": 32},
+        data_dir=str(tmp_path / "data"),
+        workdir=tmp_path / "work",
+    )
+    plan(spec).dataset.split("train")
+    assert devices == [CPU]
