@@ -641,8 +641,8 @@ def test_sweep_methods_all_expands_to_every_training_method() -> None:
     from robustbench_mat.registry import METHODS
 
     every = _sweep_methods(["all"])
-    assert "xrm-infer" not in every and "xrm" in every and "crt" in every
-    assert sorted(every) == sorted(n for n in METHODS.names() if n != "xrm-infer")
+    assert "xrm-infer" not in every and "ula-proxy" not in every and "xrm" in every
+    assert sorted(every) == sorted(i.name for i in METHODS if not i.cls.infers_groups)
     mat_first = _sweep_methods(["mat", "all"])
     assert mat_first[0] == "mat" and len(mat_first) == len(every)
     assert _sweep_methods(["erm", "mat"]) == ["erm", "mat"]

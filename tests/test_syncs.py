@@ -111,7 +111,7 @@ def test_a_training_step_reads_the_host_at_most_once(tmp_path, monkeypatch, meth
                 device="cpu",
             )
         )
-    assert counter.steps >= 20
+    assert counter.steps >= 2  # some methods train fewer steps (uLA's proxy: 10 %)
     per_step = counter.total / counter.steps
     if method in KNOWN:
         assert per_step > 1, f"{method} no longer reads the host in a step: drop it from KNOWN"
