@@ -121,19 +121,20 @@ class ULA(Method):
     from the uniform matrix) of the joint estimate J[k, c] = mean over the minibatch of
     1[y = c] softmax(proxy logits / `teacher_temperature`)[k], and minimises
     CE(f(x) + τ log J[ŷ, .] / Σ_c J[ŷ, c], y) with τ = `temperature`; the adjustment is applied
-    in training only. Without validation group labels (regime `none`) the model is selected on
-    the proxy's pseudo-groups (y, ŷ) of the validation split (`val_inferred_wga`).
+    in training only. Without validation group labels (regime `none`) the model is selected, as
+    the authors select it, by the balanced accuracy over the proxy's pseudo-groups (y, ŷ) of the
+    validation split (`val_inferred_balanced`).
 
     Defaults are the authors' (`ula/methods`): student and teacher temperature 1, EMA momentum
     0.999, the debiased network fine-tuned from the same pretrained weights as the proxy's.
-    Differences: see `ula-proxy` for the proxy; selection takes the worst pseudo-group accuracy
-    (the authors report both, and select on the balanced one); their optional GroupMixUp is not
-    implemented. The MAT paper's Table 1 has uLA at 91.5 ± 0.7 / 86.1 ± 1.5 (avg / worst) on
-    Waterbirds and 93.9 ± 0.2 / 86.5 ± 3.7 on CelebA.
+    Differences: see `ula-proxy` for the proxy; their optional GroupMixUp is not implemented.
+    The MAT paper's Table 1 has uLA at 91.5 ± 0.7 / 86.1 ± 1.5 (avg / worst) on Waterbirds and
+    93.9 ± 0.2 / 86.5 ± 3.7 on CelebA.
     """
 
     paper = PAPER
     group_inference = "ula-proxy"
+    default_criteria = {"none": "val_inferred_balanced"}
     stackable = False  # the moving average is written at every step
     hparams = {
         "temperature": HParam(

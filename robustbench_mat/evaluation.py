@@ -147,14 +147,19 @@ def regression_metrics(split: GroupedSplit, outputs: torch.Tensor) -> dict[str, 
 def inferred_group_metrics(
     split_name: str, logits: torch.Tensor, y: torch.Tensor, groups: EvalGroups
 ) -> dict[str, float]:
-    """Worst-group and per-group accuracy on inferred groups (`<split>_inferred_*`)."""
+    """Worst-group, mean-over-groups (balanced) and per-group accuracy on inferred groups
+    (`<split>_inferred_*`)."""
     correct = (logits.argmax(1) == y).double()
     layout = _group_layout(groups.membership)
     if not layout.present:  # nothing to take the worst of: the direct computation raises
         group_acc, present = _group_accuracy(correct, groups.membership)
         group_acc[present].min()
     values = layout.accuracy(correct).tolist()
-    metrics = {f"{split_name}_inferred_wga": min(values[k] for k in layout.present)}
+    metrics = {
+        f"{split_name}_inferred_wga": min(values[k] for k in layout.present),
+        f"{split_name}_inferred_balanced": sum(values[k] for k in layout.present)
+        / len(layout.present),
+    }
     for k in layout.present:
         metrics[f"{split_name}_inferred_group_acc.{metric_key(groups.names[k])}"] = values[k]
     return metrics
@@ -338,6 +343,7 @@ VALIDATION_CRITERIA = (
     "val_avg",
     "val_avg_train_weighted",
     "val_inferred_wga",
+    "val_inferred_balanced",
     "val_mse",
 )
 PER_GROUP_CRITERIA = ("val_group_acc.", "val_class_acc.", "val_inferred_group_acc.")

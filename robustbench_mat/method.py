@@ -103,6 +103,9 @@ class Method(nn.Module):
     # Defaults of the method's own settings that differ on some datasets, by dataset name
     # (chosen as its paper chooses them; each says why in the method's docstring).
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
+    # The selection criterion per regime where the method's paper selects otherwise than the
+    # regime's default (e.g. uLA: balanced accuracy on its proxy's pseudo-groups in `none`).
+    default_criteria: ClassVar[dict[str, str]] = {}
 
     def __init__(self, dataset: BenchmarkDataset, hparams: dict[str, Any]) -> None:
         super().__init__()

@@ -44,6 +44,7 @@ from robustbench_mat.regimes import (
     get_regime,
 )
 from robustbench_mat.registry import DATASETS, METHODS
+from robustbench_mat.show import default_criterion
 from robustbench_mat.tracking import HISTORY_PREFIX, TAGS, Tracker, resolve_workdir
 from robustbench_mat.training import (
     PREVIOUS_SUFFIX,
@@ -367,9 +368,7 @@ def plan(spec: RunSpec) -> RunPlan:
         method_cls.needs_val_groups,
         method_cls.inferred_groups_variant,
     )
-    criterion = spec.criterion or dataset.default_criterion or regime.default_criterion
-    if spec.criterion is None and method_cls.infers_groups and not regime.val_groups:
-        criterion = "val_worst_class"  # a group-inference run cannot select on its own groups
+    criterion = spec.criterion or default_criterion(method_cls, dataset, regime)
     check_criterion_allowed(criterion, regime)
     hparams = resolve(
         method_cls.hparam_specs(dataset),

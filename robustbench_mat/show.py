@@ -79,10 +79,14 @@ def declared_dataset(
 
 
 def default_criterion(method_cls: type[Method], dataset: BenchmarkDataset, regime: Regime) -> str:
-    """The criterion a run selects on when `--criterion` is left out (as `runner.plan` does)."""
+    """The criterion a run selects on when `--criterion` is left out (`runner.plan` uses it)."""
     if method_cls.infers_groups and not regime.val_groups:
         return "val_worst_class"  # a group-inference run cannot select on its own groups
-    return dataset.default_criterion or regime.default_criterion
+    return (
+        dataset.default_criterion
+        or method_cls.default_criteria.get(regime.name)
+        or regime.default_criterion
+    )
 
 
 def describe_search(distribution: BaseDistribution | None) -> str:

@@ -172,7 +172,11 @@ def _outcome(function, *args):
 def _direct_inferred(logits: torch.Tensor, split: GroupedSplit) -> dict[str, float]:
     correct = (logits.argmax(1) == split.y).double()
     accuracy, present = _group_accuracy(correct, split.eval_groups.membership)
-    expected = {"val_inferred_wga": accuracy[present].min().item()}
+    values = accuracy[present].tolist()
+    expected = {
+        "val_inferred_wga": accuracy[present].min().item(),
+        "val_inferred_balanced": sum(values) / len(values),
+    }
     for k, name in enumerate(split.eval_groups.names):
         if present[k]:
             expected[f"val_inferred_group_acc.{metric_key(name)}"] = accuracy[k].item()

@@ -75,5 +75,8 @@ def test_pseudo_groups_are_the_label_and_the_proxys_prediction(workdir) -> None:
 )
 def test_ula_runs_without_group_labels(workdir, dataset, data) -> None:
     result = run_tiny(workdir, "ula", dataset=dataset, data_params=data, regime="none")
-    assert result.criterion == "val_inferred_wga"
+    assert result.criterion == "val_inferred_balanced"  # the authors' selection rule
+    groups = [k for k in result.selected if k.startswith("val_inferred_group_acc.")]
+    balanced = sum(result.selected[k] for k in groups) / len(groups)
+    assert result.selected["val_inferred_balanced"] == pytest.approx(balanced)
     assert 0 <= result.final["test_wga"] <= 1
