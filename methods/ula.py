@@ -12,7 +12,7 @@ from robustbench_mat.backbones import check_head_split, split_head
 from robustbench_mat.data import BenchmarkDataset
 from robustbench_mat.errors import RunFailed
 from robustbench_mat.evaluation import predict
-from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
+from robustbench_mat.group_inference import write_inferred_groups
 from robustbench_mat.hparams import HParam
 from robustbench_mat.method import Batch, Method
 from robustbench_mat.registry import register_method
@@ -84,12 +84,9 @@ class ULAProxy(Method):
         }
         attributes = {split: values.argmax(1) for split, values in logits.items()}
         agreement = (attributes["val"] == self.dataset.split("val").y).float().mean().item()
-        artifact = InferredGroups(
-            inferrer=self.name,
-            dataset=self.dataset.name,
-            data_fingerprint=self.dataset.fingerprint(),
-            seed=context.plan.spec.seed,
-            config=dict(self.hp),
+        write_inferred_groups(
+            self,
+            context,
             train_heldout_logits=logits["train"],
             train_attribute=attributes["train"],
             val_attribute=attributes["val"],
@@ -97,10 +94,6 @@ class ULAProxy(Method):
             score=agreement,
             stats={"proxy_val_accuracy": agreement},
         )
-        path = context.run_dir / ARTIFACT_NAME
-        artifact.save(path)
-        context.tracker.log_artifact(context.run_id, path, "inferred_groups")
-        context.tracker.log_metrics(context.run_id, artifact.stats)
 
 
 def adjusted_logits(

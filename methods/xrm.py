@@ -10,7 +10,7 @@ from torch import nn
 
 from robustbench_mat.data import BenchmarkDataset
 from robustbench_mat.evaluation import predict
-from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
+from robustbench_mat.group_inference import InferredGroups, write_inferred_groups
 from robustbench_mat.hparams import HParam
 from robustbench_mat.method import Batch, Method
 from robustbench_mat.methods.groupdro import GroupDRO
@@ -126,12 +126,9 @@ class XRMGroupInference(Method):
             len(torch.unique(self.dataset.split(s).y * 2 + attributes[s])) != n_groups
             for s in attributes
         )
-        artifact = InferredGroups(
-            inferrer=self.name,
-            dataset=self.dataset.name,
-            data_fingerprint=self.dataset.fingerprint(),
-            seed=context.plan.spec.seed,
-            config=dict(self.hp),
+        write_inferred_groups(
+            self,
+            context,
             train_heldout_logits=torch.where(assignment, train_b, train_a),
             train_attribute=attributes["train"],
             val_attribute=attributes["val"],
@@ -141,13 +138,8 @@ class XRMGroupInference(Method):
                 "flip_rate": self.flip_rate(),
                 "train_inferred_minority": attributes["train"].float().mean().item(),
                 "val_inferred_minority": attributes["val"].float().mean().item(),
+                "degenerate": float(degenerate),
             },
-        )
-        path = context.run_dir / ARTIFACT_NAME
-        artifact.save(path)
-        context.tracker.log_artifact(context.run_id, path, "inferred_groups")
-        context.tracker.log_metrics(
-            context.run_id, {**artifact.stats, "degenerate": float(degenerate)}
         )
 
 

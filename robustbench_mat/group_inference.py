@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from robustbench_mat.data import EvalGroups
 from robustbench_mat.errors import RunFailed, first_line
+
+if TYPE_CHECKING:
+    from robustbench_mat.method import Method
+    from robustbench_mat.runner import RunContext
 
 ARTIFACT_NAME = "inferred_groups.pt"
 FORMAT_VERSION = 1
@@ -79,3 +83,22 @@ class InferredGroups:
     def eval_groups(self, split: str, y: torch.Tensor, class_names: tuple[str, ...]) -> EvalGroups:
         names = tuple(f"{c}/inferred{a}" for c in class_names for a in range(self.n_attributes))
         return EvalGroups.from_ids(self.group_ids(split, y), names)
+
+
+def write_inferred_groups(method: Method, context: RunContext, **fields: Any) -> InferredGroups:
+    """Save the inferred groups that a group-inference `method` found in its run (`fields`:
+    logits, attributes, score, stats...) in the run directory, and log them and their stats to
+    the run's MLflow run."""
+    artifact = InferredGroups(
+        inferrer=method.name,
+        dataset=method.dataset.name,
+        data_fingerprint=method.dataset.fingerprint(),
+        seed=context.plan.spec.seed,
+        config=dict(method.hp),
+        **fields,
+    )
+    path = context.run_dir / ARTIFACT_NAME
+    artifact.save(path)
+    context.tracker.log_artifact(context.run_id, path, "inferred_groups")
+    context.tracker.log_metrics(context.run_id, artifact.stats)
+    return artifact
