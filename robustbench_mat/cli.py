@@ -84,6 +84,7 @@ CRITERIA = (
     "val_avg",
     "val_avg_train_weighted",
     "val_inferred_wga",
+    "val_inferred_balanced",
     "val_mse",
 )
 CRITERION_PREFIXES = ("val_group_acc.", "val_class_acc.", "val_inferred_group_acc.")
