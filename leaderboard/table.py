@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -51,15 +52,11 @@ _BOLD = {"markdown": "**{}**", "html": "<b>{}</b>", "latex": "\\textbf{{{}}}"}
 def final_runs(tracking_uri: str) -> pd.DataFrame:
     """One row per finished final seed run: method, dataset, regime, seed, study, criterion,
     run id and the test metrics (fractions)."""
-    import mlflow
-
     from robustbench_mat.tracking import ensure_store
 
     ensure_store(tracking_uri, None)  # a new store is created atomically, as every command does
-    mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string=f"tags.`{TAGS.FINAL}` = 'true' and attributes.status = 'FINISHED'",
+    runs = _search_runs(
+        tracking_uri, f"tags.`{TAGS.FINAL}` = 'true' and attributes.status = 'FINISHED'"
     )
     columns = [
         "method",
@@ -100,15 +97,27 @@ def final_runs(tracking_uri: str) -> pd.DataFrame:
     return table
 
 
-def trial_counts(tracking_uri: str) -> dict[str, int]:
-    """The number of finished (complete or pruned) trial runs that MLflow holds per study."""
+def _search_runs(tracking_uri: str, filter_string: str) -> pd.DataFrame:
+    """`mlflow.search_runs` over every experiment of the store at `tracking_uri`. MLflow's
+    fluent API needs the URI set globally, which also sets MLFLOW_TRACKING_URI: the variable is
+    restored after, so that a Tracker made later in this process for another work directory
+    keeps its own store."""
     import mlflow
 
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri)
-    runs = mlflow.search_runs(
-        search_all_experiments=True,
-        filter_string="tags.`robustbench.trial` != ''",
-    )
+    try:
+        return mlflow.search_runs(search_all_experiments=True, filter_string=filter_string)
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def trial_counts(tracking_uri: str) -> dict[str, int]:
+    """The number of finished (complete or pruned) trial runs that MLflow holds per study."""
+    runs = _search_runs(tracking_uri, "tags.`robustbench.trial` != ''")
     state = f"tags.{TAGS.STATE}"
     if runs.empty or state not in runs or "tags.robustbench.study" not in runs:
         return {}

@@ -4,6 +4,7 @@ unfinished and failed runs never count."""
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -141,3 +142,17 @@ def test_a_row_says_which_protocol_made_it(workdir: Path) -> None:
     board = build(f"sqlite:///{workdir / 'mlflow.db'}")
     assert sorted(board.cells.method) == ["erm", "erm [paper]"]
     assert "erm [paper]" in board.render("markdown")
+
+
+def test_reading_the_leaderboard_leaves_the_tracking_variable_as_it_was(tmp_path, monkeypatch):
+    """A Tracker made after the leaderboard, in the same process, keeps its own store."""
+    from robustbench_mat.leaderboard.table import final_runs
+    from robustbench_mat.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    final_runs(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking_uri(tmp_path / "b") == f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    final_runs(f"sqlite:///{tmp_path / 'a' / 'mlflow.db'}")
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
