@@ -66,6 +66,7 @@ def subset_split(source: GroupedSplit, indices: torch.Tensor) -> GroupedSplit:
         source.a[indices],
         source.n_attributes,
         EvalGroups(groups.names, groups.membership[indices]),
+        source.loading,
     )
 
 

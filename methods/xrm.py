@@ -103,6 +103,10 @@ class XRMGroupInference(Method):
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         return (self.model[0](x) + self.model[1](x)) / 2
 
+    def _twin_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[batch, 2, classes]: each twin's logits."""
+        return torch.stack([self.model[0](x), self.model[1](x)], dim=1)
+
     def logged_state(self) -> dict[str, float]:
         return {"flip_rate": self.flip_rate()}
 
@@ -111,10 +115,11 @@ class XRMGroupInference(Method):
         self.eval()
         logits = {}
         for split in ("train", "val"):
-            data = self.dataset.split(split)
-            logits[split] = [
-                predict(net, data, device, self.dataset.eval_batch_size) for net in self.model
-            ]
+            # Both twins in one pass: each image is decoded once.
+            both = predict(
+                self._twin_logits, self.dataset.split(split), device, self.dataset.eval_batch_size
+            )
+            logits[split] = both.unbind(1)
         assignment = self.assignment.cpu()[:, None]
         train_a, train_b = logits["train"]
         attributes = {

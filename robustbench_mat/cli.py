@@ -230,14 +230,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="discard a finished or interrupted run with the same settings",
     )
     parser.add_argument(
-        "--loader-workers",
-        type=NON_NEGATIVE,
-        default=0,
-        dest="num_workers",
-        metavar="N",
-        help="data-loading worker processes for on-disk datasets (default 0)",
-    )
-    parser.add_argument(
         "--workers",
         action=_Deprecated,
         use="--loader-workers N",
@@ -604,7 +596,27 @@ def _add_tuning_commands(commands: argparse._SubParsersAction) -> None:
         sub.add_argument("--quiet", action="store_true", help="only the summary")
 
 
+def _loader_workers(text: str) -> int | None:
+    """`auto` -> None (the default of `loading.resolve_loading`), else a count of 0 or more."""
+    if text == "auto":
+        return None
+    try:
+        return NON_NEGATIVE(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or an integer >= 0, got {text!r}") from None
+
+
 def _add_acceleration_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--loader-workers",
+        type=_loader_workers,
+        default=None,
+        dest="num_workers",
+        metavar="N",
+        help="data-loading worker processes for on-disk images and texts, in every pass "
+        "(training, evaluation, stages, feature extraction); auto (default): the cores per GPU "
+        "(at most 8) on CUDA, 0 on the CPU",
+    )
     parser.add_argument(
         "--precision",
         choices=("auto", "bf16", "fp16", "fp32"),
@@ -651,6 +663,7 @@ def _tune_spec(args: argparse.Namespace, method: str, dataset: str, regime: str 
         precision=args.precision,
         compile=args.compile,
         deterministic=args.deterministic,
+        num_workers=args.num_workers,
         hparams=parse_assignments(args.hparams, "--set"),
         data_params=parse_assignments(args.data_params, "--data"),
         data_dir=args.data_dir,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
@@ -21,11 +21,14 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from torch import nn
 
 from robustbench_mat.hparams import HParam, resolve
+from robustbench_mat.loading import Loading
 
 if TYPE_CHECKING:
     from robustbench_mat.protocols import PaperSetup
 
 SPLITS = ("train", "val", "test")
+# Evaluation batches on a GPU are this many times a dataset's `eval_batch_size` (sized for the CPU).
+GPU_EVAL_BATCH_SCALE = 4
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,11 @@ class GroupedSplit:
     a: torch.Tensor
     n_attributes: int
     eval_groups: EvalGroups
+    # How on-disk inputs are read (the run's `loading.Loading`); in-memory inputs ignore it.
+    loading: Loading = field(default_factory=Loading, compare=False, repr=False)
+    _eval_loaders: dict[tuple[int, Loading], Any] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     @property
     def g(self) -> torch.Tensor:
@@ -80,6 +88,17 @@ class GroupedSplit:
         if self.in_memory:
             return self.inputs[indices]
         return torch.stack([self.inputs[int(i)] for i in indices])
+
+    def eval_loader(self, batch_size: int) -> torch.utils.data.DataLoader:
+        """The on-disk inputs in order, `batch_size` at a time. The loader is kept, so that its
+        worker processes serve every evaluation of the split instead of starting anew."""
+        key = (batch_size, self.loading)
+        if key not in self._eval_loaders:
+            self._eval_loaders.clear()  # settings changed: the old workers go
+            self._eval_loaders[key] = self.loading.loader(
+                self.inputs, batch_size=batch_size, shuffle=False, persistent_workers=True
+            )
+        return self._eval_loaders[key]
 
     def probe_inputs(self, n: int = 8) -> torch.Tensor:
         """The inputs of the first `n` examples: a small batch for checking a model's shape."""
@@ -117,9 +136,11 @@ class BenchmarkDataset:
         self.config = resolve(self.params, params, f"dataset {self.name!r}")
         self.check_config()
         self._splits: dict[str, GroupedSplit] = {}
-        # Where inputs derived from the data (cached backbone features) are computed: the run's
-        # device once a run plans this dataset; None picks CUDA when present.
+        # Where inputs derived from the data (cached backbone features) are computed, and how
+        # on-disk inputs are read: the run's, once a run places this dataset (`place`); None
+        # picks CUDA when present.
         self.device: torch.device | None = None
+        self._loading = Loading()
 
     # --- what a plugin implements -------------------------------------------------------------
     def check_config(self) -> None:
@@ -164,6 +185,23 @@ class BenchmarkDataset:
     def eval_groups(self, split: str, y: torch.Tensor, a: torch.Tensor) -> EvalGroups:
         return EvalGroups.from_ids(y * self.n_attributes + a, tuple(self.group_names()))
 
+    # --- where a run reads it -----------------------------------------------------------------
+    @property
+    def loading(self) -> Loading:
+        """How every split's on-disk inputs are read (DataLoader workers, pinned memory)."""
+        return self._loading
+
+    def place(self, device: torch.device, loading: Loading) -> None:
+        """Read and derive this dataset's inputs for a run on `device`: cached features are
+        extracted there, every split is read with `loading`, and evaluation batches are
+        `GPU_EVAL_BATCH_SCALE` times larger on a GPU, whose memory fits them."""
+        self.device = device
+        self._loading = loading
+        for split in self._splits.values():
+            split.loading = loading
+        scale = GPU_EVAL_BATCH_SCALE if device.type == "cuda" else 1
+        self.eval_batch_size = type(self).eval_batch_size * scale
+
     # --- derived ----------------------------------------------------------------------------
     @property
     def n_groups(self) -> int:
@@ -185,7 +223,7 @@ class BenchmarkDataset:
             y = y.long() if self.task == "classification" else y.float()
             a = a.long()
             self._splits[name] = GroupedSplit(
-                name, inputs, y, a, self.n_attributes, self.eval_groups(name, y, a)
+                name, inputs, y, a, self.n_attributes, self.eval_groups(name, y, a), self.loading
             )
         return self._splits[name]
 

@@ -38,9 +38,9 @@ def predict(
     split: GroupedSplit,
     device: torch.device,
     batch_size: int = 4096,
-    num_workers: int = 0,
 ) -> torch.Tensor:
-    """Logits for every example of `split`, in dataset order, on the CPU."""
+    """Logits for every example of `split`, in dataset order, on the CPU; on-disk inputs are
+    read as the split's `loading` says (the run's loader workers)."""
     outputs = []
     if split.in_memory and 0 < len(split) == len(split.inputs) <= batch_size:
         # One batch (full-batch evaluation of a small split): no slicing, no concatenation.
@@ -50,10 +50,7 @@ def predict(
             x = split.inputs[start : start + batch_size].to(device, non_blocking=True)
             outputs.append(predict_fn(x).float().cpu())
     else:
-        loader = torch.utils.data.DataLoader(
-            split.inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers
-        )
-        for x in loader:
+        for x in split.eval_loader(batch_size):
             outputs.append(predict_fn(x.to(device, non_blocking=True)).float().cpu())
     return torch.cat(outputs)
 

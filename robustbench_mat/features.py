@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from robustbench_mat.data import stable_hash
+from robustbench_mat.loading import Loading
 
 
 def feature_file(
@@ -34,21 +35,20 @@ def extract_features(
     backbone: torch.nn.Module,
     inputs: torch.utils.data.Dataset,
     batch_size: int = 64,
-    num_workers: int = 0,
     show_progress: bool = True,
     description: str = "extracting features",
     device: torch.device | None = None,
+    loading: Loading | None = None,
 ) -> torch.Tensor:
-    """`backbone(x)` for every item of `inputs`, in order, as one float32 tensor on the CPU."""
+    """`backbone(x)` for every item of `inputs`, in order, as one float32 tensor on the CPU,
+    read with `loading` (the run's loader workers; default: in this process)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = backbone.to(device).eval()
-    loader = torch.utils.data.DataLoader(
-        inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers
-    )
+    loader = (loading or Loading()).loader(inputs, batch_size=batch_size, shuffle=False)
     outputs = []
     with tqdm(total=len(inputs), desc=description, disable=not show_progress, unit="ex") as bar:
         for x in loader:
-            outputs.append(backbone(x.to(device)).float().cpu())
+            outputs.append(backbone(x.to(device, non_blocking=True)).float().cpu())
             bar.update(len(x))
     return torch.cat(outputs)
 
@@ -60,9 +60,10 @@ def cached_features(
     show_progress: bool = True,
     batch_size: int = 64,
     device: torch.device | None = None,
+    loading: Loading | None = None,
 ) -> torch.Tensor:
-    """The features stored at `path`, extracted on `device` (and stored atomically) on first
-    use."""
+    """The features stored at `path`, extracted on `device` with `loading` (and stored
+    atomically) on first use."""
     if path.exists():
         return load_file(path)["features"]
     features = extract_features(
@@ -72,6 +73,7 @@ def cached_features(
         show_progress=show_progress,
         description=f"features {path.parent.name}/{path.name.split('-')[0]}",
         device=device,
+        loading=loading,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

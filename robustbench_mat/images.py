@@ -127,6 +127,7 @@ class ImageBenchmark(FileDataset):
                 lambda: backbones.resnet50(None, self.config["weights"]),
                 lambda: self.images(split),
                 device=self.device,
+                loading=self.loading,
             )
             return SplitArrays(features, y, a)
         return SplitArrays(self.images(split), y, a)

@@ -33,6 +33,7 @@ from robustbench_mat.errors import RunFailed, RunPruned, UserError, first_line
 from robustbench_mat.group_inference import ARTIFACT_NAME, InferredGroups
 from robustbench_mat.hardware import Acceleration, backends, resolve_precision
 from robustbench_mat.hparams import resolve, sample_configurations
+from robustbench_mat.loading import Loading, resolve_loading
 from robustbench_mat.method import Method
 from robustbench_mat.protocols import Protocol, get_protocol
 from robustbench_mat.provenance import CodeVersion, code_version, package_version
@@ -96,7 +97,9 @@ class RunSpec:
     tags: dict[str, str] = field(default_factory=dict)
     show_progress: bool = True
     restart: bool = False
-    num_workers: int = 0
+    # DataLoader worker processes for on-disk inputs; None: `loading.resolve_loading`'s default
+    # (the cores per GPU on CUDA, 0 on the CPU). Never changes the numbers.
+    num_workers: int | None = None
     inference_hparams: dict[str, Any] = field(default_factory=dict)
     stop_loss: float | None = None
     inference_trials: int = 1
@@ -164,6 +167,11 @@ class RunPlan:
                 **self._acceleration_key(),
             }
         )
+
+    @functools.cached_property
+    def loading(self) -> Loading:
+        """How on-disk inputs are read: the resolved loader workers and pinned memory."""
+        return resolve_loading(self.spec.num_workers, self.device)
 
     @functools.cached_property
     def acceleration(self) -> Acceleration:
@@ -240,6 +248,7 @@ class RunPlan:
             ),
             **({} if self.spec.snapshots is None else {"snapshots": self.spec.snapshots}),
             **self.acceleration.params(self.device),
+            "loader_workers": self.loading.workers,
         }
 
     def inference_settings(self) -> dict[str, Any] | None:
@@ -406,7 +415,7 @@ def plan(spec: RunSpec) -> RunPlan:
         protocol,
     )
     resolve_precision(spec.precision, the_plan.device)  # fails before anything starts
-    dataset.device = the_plan.device  # cached features are extracted on the run's device
+    dataset.place(the_plan.device, the_plan.loading)
     if the_plan.inferrer is not None:
         if spec.inference_trials < 1:
             raise UserError(f"--infer-trials must be at least 1, got {spec.inference_trials}")
@@ -754,7 +763,6 @@ def _prepare(run_: _Started) -> None:
         evaluate_train=the_plan.dataset.evaluate_train,
         show_progress=spec.show_progress,
         description=f"{the_plan.method_name} on {the_plan.dataset.name} (seed {spec.seed})",
-        num_workers=spec.num_workers,
         stop_loss=spec.stop_loss,
         snapshot_every=the_plan.snapshot_every,
         snapshot_dir=the_plan.run_dir / "snapshots",

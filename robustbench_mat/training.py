@@ -152,7 +152,6 @@ class LoopSettings:
     evaluate_train: bool = False
     show_progress: bool = True
     description: str = "training"
-    num_workers: int = 0
     inferred_val_groups: EvalGroups | None = None
     stop_loss: float | None = None
     # Save the model (state and current learning rate) every `snapshot_every` steps and at the
@@ -227,11 +226,8 @@ class _Steps:
 class _Stream:
     """Each step's (indices, x, y, a) on the device, from in-memory tensors or a DataLoader."""
 
-    def __init__(
-        self, train: GroupedSplit, schedule: BatchSchedule, device: torch.device, num_workers: int
-    ) -> None:
+    def __init__(self, train: GroupedSplit, schedule: BatchSchedule, device: torch.device) -> None:
         self.train, self.schedule, self.device = train, schedule, device
-        self.num_workers = num_workers
         self.y = train.y.to(device)
         self.a = train.a.to(device)
         self.x = train.inputs.to(device) if train.in_memory else None
@@ -248,11 +244,9 @@ class _Stream:
                     idx = self.schedule.indices(step).to(self.device)
                     yield idx, self.x[idx], self.y[idx], self.a[idx]
             return
-        loader = torch.utils.data.DataLoader(
-            _Indexed(self.train.inputs),
-            batch_sampler=_Steps(self.schedule, start, stop),
-            num_workers=self.num_workers,
-            pin_memory=self.device.type == "cuda",
+        # One loader for the whole range: its workers read ahead across evaluations.
+        loader = self.train.loading.loader(
+            _Indexed(self.train.inputs), batch_sampler=_Steps(self.schedule, start, stop)
         )
         for idx, x in loader:
             idx = idx.to(self.device)
@@ -535,9 +529,7 @@ class _Alone:
     def __init__(self, model: _Model) -> None:
         self.model = model
         settings = model.settings
-        self.stream = _Stream(
-            model.train_split, model.schedule, settings.device, settings.num_workers
-        )
+        self.stream = _Stream(model.train_split, model.schedule, settings.device)
         self.scaler = grad_scaler(settings.device, settings.acceleration.precision)
         if model.rng is not None:
             _set_rng_state(model.rng)
@@ -575,7 +567,6 @@ class _Alone:
                     split,
                     settings.device,
                     batch_size=model.dataset.eval_batch_size,
-                    num_workers=settings.num_workers,
                 )
 
         return logits

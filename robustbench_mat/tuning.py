@@ -81,6 +81,7 @@ class TuneSpec:
     precision: str = "auto"
     compile: bool = False
     deterministic: bool = False
+    num_workers: int | None = None  # loader workers of every run (None: the device's default)
     hparams: dict[str, Any] = field(default_factory=dict)
     data_params: dict[str, Any] = field(default_factory=dict)
     data_dir: str | None = None
@@ -122,6 +123,7 @@ class TuneSpec:
             precision=self.precision,
             compile=self.compile,
             deterministic=self.deterministic,
+            num_workers=self.num_workers,
             hparams={**hparams, **self.hparams},
             data_params=dict(self.data_params),
             data_dir=self.data_dir,

@@ -464,7 +464,11 @@ def test_tuning_numbers_out_of_range_are_one_line_errors(command, args, fragment
 @pytest.mark.parametrize(
     ("flag", "value", "fragment"),
     [
-        ("--loader-workers", "-1", "argument --loader-workers: must be an integer >= 0, got '-1'"),
+        (
+            "--loader-workers",
+            "-1",
+            "argument --loader-workers: must be auto or an integer >= 0, got '-1'",
+        ),
         ("--infer-trials", "0", "argument --infer-trials: must be an integer >= 1, got '0'"),
         ("--stop-loss", "nan", "argument --stop-loss: must be a finite number, got 'nan'"),
     ],
@@ -504,7 +508,23 @@ def test_old_flag_spellings_still_work_with_a_one_line_deprecation(
     err = capsys.readouterr().err
     assert err == f"robustbench-mat: warning: `{command} {old}` is deprecated; use {new} N\n"
     default = parser.parse_args(base)
-    assert getattr(default, dest) == (0 if command == "run" else 3)
+    assert getattr(default, dest) == (None if command == "run" else 3)  # run: auto
+
+
+@pytest.mark.parametrize("command", ["run", "tune", "sweep", "reproduce"])
+def test_loader_workers_reach_every_training_command(command):
+    from robustbench_mat.cli import build_parser
+
+    base = {
+        "tune": ["tune", "--method", "erm", "--dataset", "synthetic"],
+        "sweep": SWEEP,
+        "reproduce": ["reproduce", "table1", "--dataset", "waterbirds"],
+        "run": ["run", "--method", "erm", "--dataset", "synthetic"],
+    }[command]
+    parser = build_parser()
+    assert parser.parse_args([*base, "--loader-workers", "3"]).num_workers == 3
+    assert parser.parse_args([*base, "--loader-workers", "auto"]).num_workers is None
+    assert parser.parse_args(base).num_workers is None
 
 
 @pytest.mark.parametrize("command", ["run", "tune", "sweep", "reproduce"])
