@@ -57,8 +57,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    """The random states as plain data (tensors, ints, tuples), loadable with `weights_only`."""
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """The random states as plain data (tensors, ints, tuples), loadable with `weights_only`;
+    on CUDA only the run's own GPU's generator, so that the checkpoint resumes on a machine
+    with another number of GPUs."""
     kind, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     keys = torch.from_numpy(keys.astype(np.int64))
     state = {
@@ -66,20 +68,25 @@ def _rng_state() -> dict[str, Any]:
         "numpy": (kind, keys, position, has_gauss, cached_gaussian),
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     kind, keys, position, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state(
         (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gaussian)
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and device.type == "cuda":
+        if isinstance(cuda, list | tuple):  # older checkpoints kept every GPU's state
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
 
 
 class CheckpointStore:
@@ -512,7 +519,7 @@ class _Model:
                 "method": self.method.state_dict(),
                 "optimizer": optimizer_state,
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                "rng": _rng_state(),
+                "rng": _rng_state(self.settings.device),
                 "history": self.history,
                 "best": self.best,
                 "best_state": self.best_state,
@@ -532,7 +539,7 @@ class _Alone:
         self.stream = _Stream(model.train_split, model.schedule, settings.device)
         self.scaler = grad_scaler(settings.device, settings.acceleration.precision)
         if model.rng is not None:
-            _set_rng_state(model.rng)
+            _set_rng_state(model.rng, settings.device)
 
     def steps(self, start: int, stop: int) -> Iterator[list[float]]:
         model, method = self.model, self.model.method

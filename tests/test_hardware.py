@@ -116,3 +116,30 @@ def test_cached_features_are_extracted_on_the_runs_device(tmp_path, monkeypatch)
     )
     plan(spec).dataset.split("train")
     assert devices == [CPU]
+
+
+def test_a_checkpoint_keeps_only_the_run_devices_cuda_generator(monkeypatch) -> None:
+    """Saved: the run's GPU's state alone (not every GPU's). Restored: onto the run's GPU; an
+    older checkpoint's list of every GPU's states gives the run's own one."""
+    from robustbench_mat import training
+
+    calls = []
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_rng_state",
+        lambda device: calls.append(("get", device)) or torch.tensor([7]),
+    )
+    monkeypatch.setattr(
+        torch.cuda, "get_rng_state_all", lambda: pytest.fail("every GPU's state saved")
+    )
+    monkeypatch.setattr(
+        torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", int(state), device))
+    )
+    gpu = torch.device("cuda", 1)
+    state = training._rng_state(gpu)
+    assert calls == [("get", gpu)] and int(state["cuda"]) == 7
+    assert "cuda" not in training._rng_state(torch.device("cpu"))
+    training._set_rng_state(state, gpu)
+    training._set_rng_state({**state, "cuda": [torch.tensor([5]), torch.tensor([6])]}, gpu)
+    training._set_rng_state(state, torch.device("cpu"))  # a CUDA checkpoint resumed on the CPU
+    assert calls[1:] == [("set", 7, gpu), ("set", 6, gpu)]
