@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 from robustbench_mat.data import BenchmarkDataset, SplitArrays
 from robustbench_mat.errors import UserError
 from robustbench_mat.method import Batch
-from robustbench_mat.methods.mixing import cut_pairs, selective_mix
+from robustbench_mat.methods.mixing import selective_mix
 from robustbench_mat.registry import DATASETS, METHODS
 
 
@@ -97,7 +98,7 @@ def _sources(row: torch.Tensor) -> list[tuple[int, float]]:
 def test_lisa_mixes_only_the_pairs_its_rule_allows(same_label: bool, seed: int) -> None:
     torch.manual_seed(seed)
     x = torch.eye(len(Y))  # row i is example i, so a mixture shows its two sources and ratio
-    mixed, targets = selective_mix(x, Y, A, 2, same_label, alpha=2.0)
+    mixed, targets = selective_mix(x, Y, A, 2, 2, same_label, alpha=2.0)
     assert mixed.shape == x.shape and targets.shape == (len(Y), 2)
     for row, target in zip(mixed, targets, strict=True):
         (i, wi), (j, wj) = _sources(row)
@@ -114,25 +115,50 @@ def test_lisa_mixes_only_the_pairs_its_rule_allows(same_label: bool, seed: int) 
 def test_lisa_leaves_a_batch_it_cannot_mix_unchanged() -> None:
     x = torch.randn(4, 3)
     y, a = torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 0, 0])
-    mixed, targets = selective_mix(x, y, a, 2, same_label=True, alpha=2.0)  # one attribute
+    mixed, targets = selective_mix(x, y, a, 2, 2, same_label=True, alpha=2.0)  # one attribute
     assert torch.equal(mixed, x) and torch.equal(targets, F.one_hot(y, 2).float())
-    mixed, _ = selective_mix(x, y, y.clone(), 2, same_label=False, alpha=2.0)  # a = y: no pair
+    mixed, _ = selective_mix(x, y, y.clone(), 2, 2, same_label=False, alpha=2.0)  # a = y: no pair
     assert torch.equal(mixed, x)
 
 
-def test_cutmix_pastes_a_box_from_the_partner_and_mixes_targets_by_area() -> None:
-    torch.manual_seed(3)
-    zeros, ones = torch.zeros(2, 1, 8, 8), torch.ones(2, 1, 8, 8)
-    t0, t1 = F.one_hot(torch.tensor([0, 0]), 2).float(), F.one_hot(torch.tensor([1, 1]), 2).float()
-    mixed, targets = cut_pairs(2.0, zeros, ones, t0, t1)
-    assert mixed.shape == (4, 1, 8, 8)
-    box = mixed[0, 0] == 1
-    assert torch.equal(mixed[1, 0] == 1, box) and torch.equal(mixed[2, 0] == 0, box)
-    rows, cols = torch.nonzero(box, as_tuple=True)
-    assert box.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-    kept = 1 - box.float().mean()
-    torch.testing.assert_close(targets[0], torch.stack([kept, 1 - kept]))
-    torch.testing.assert_close(targets[2], torch.stack([1 - kept, kept]))
+@pytest.mark.parametrize("same_label", [True, False])
+@pytest.mark.parametrize("seed", range(3))
+def test_lisa_rounds_fill_the_batch_with_each_pair_equally_often(same_label, seed) -> None:
+    """Each round pairs the k-th of one side with the k-th of the other: 2 pairs per class
+    (or attribute value) here, 4 per round, so exactly 3 rounds give the 12 mixtures, and
+    each of the 4 pairs is mixed 3 times (with fresh ratios)."""
+    torch.manual_seed(seed)
+    mixed, _ = selective_mix(torch.eye(len(Y)), Y, A, 2, 2, same_label, alpha=2.0)
+    pairs = Counter(frozenset(i for i, _ in _sources(row)) for row in mixed)
+    assert sorted(pairs.values()) == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cutmix_pastes_a_box_from_the_partner_and_mixes_targets_by_area(seed) -> None:
+    """Example i is an image filled with i + 1: each mixture shows two examples of an
+    allowed pair (the same rank in their cells), one of them inside a rectangle, and its
+    targets are their one-hot targets mixed by their shares of the pixels."""
+    torch.manual_seed(seed)
+    images = (torch.arange(len(Y), dtype=torch.float32) + 1).view(-1, 1, 1, 1).expand(-1, 1, 8, 8)
+    mixed, targets = selective_mix(images, Y, A, 2, 2, True, 2.0, cut=True)
+    assert mixed.shape == images.shape
+    for image, target in zip(mixed[:, 0], targets, strict=True):
+        sources = [int(v) - 1 for v in torch.unique(image)]
+        assert len(sources) in (1, 2)  # one: an empty box (a ratio close to 1)
+        if len(sources) == 2:
+            i, j = sources
+            assert Y[i] == Y[j] and A[i] != A[j] and _cell_rank(i) == _cell_rank(j)
+
+            def rectangle(region: torch.Tensor) -> bool:
+                rows, cols = torch.nonzero(region, as_tuple=True)
+                size = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+                return bool(region.sum() == size)
+
+            assert rectangle(image == i + 1) or rectangle(image == j + 1)
+        expected = sum(
+            (image == k + 1).float().mean() * F.one_hot(Y[k], 2).float() for k in sources
+        )
+        torch.testing.assert_close(target, expected)
 
 
 def test_lisa_loss_is_the_soft_target_cross_entropy_of_the_mixture() -> None:
@@ -144,7 +170,7 @@ def test_lisa_loss_is_the_soft_target_cross_entropy_of_the_mixture() -> None:
     loss = method.loss(batch)
     torch.manual_seed(7)
     torch.rand(())  # the intra-label / intra-domain draw
-    mixed, targets = selective_mix(x, Y, A, 2, True, 2.0)
+    mixed, targets = selective_mix(x, Y, A, 2, 2, True, 2.0)
     torch.testing.assert_close(method.model.seen[0], mixed)
     torch.testing.assert_close(loss, F.cross_entropy(mixed, targets))
 

@@ -26,9 +26,7 @@ TENSOR_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__floa
 TENSOR_SIZED = ("unique",)
 TORCH_SIZED = ("nonzero", "unique", "masked_select")
 # Methods that still read values on the host inside a step, with their count per step and why.
-KNOWN = {
-    "lisa": "pairs are drawn per (label, attribute) cell with Python loops over the cells",
-}
+KNOWN: dict[str, str] = {}
 
 
 class SyncCounter:
