@@ -17,7 +17,7 @@ from robustbench_mat.hparams import MAX_SEED, parse_assignments
 from robustbench_mat.protocols import PROTOCOLS
 from robustbench_mat.provenance import package_version
 from robustbench_mat.regimes import REGIMES
-from robustbench_mat.registry import DATASETS, METHODS
+from robustbench_mat.registry import DATASETS, plugin_listing
 
 
 class _Parser(argparse.ArgumentParser):
@@ -801,10 +801,10 @@ def command_data(args: argparse.Namespace) -> int:
 
 
 def command_list(_: argparse.Namespace) -> int:
-    for title, registry in (("Methods", METHODS), ("Datasets", DATASETS)):
-        rows = [(p.name, p.description, p.source) for p in registry]
+    listing = plugin_listing()
+    for title in ("Methods", "Datasets"):
         print(f"{title}:")
-        print(tabulate(rows, headers=("name", "description", "source")))
+        print(tabulate(listing[title.lower()], headers=("name", "description", "source")))
         print()
     return 0
 

@@ -9,12 +9,17 @@ a module (whose import runs the decorators) or a class (registered under the ent
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
+import importlib.util
+import json
+import os
 import pkgutil
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, TypeVar
 
 from robustbench_mat.errors import UserError
@@ -161,3 +166,116 @@ def register_method(name: str, *, description: str | None = None) -> Callable[[T
 def register_dataset(name: str, *, description: str | None = None) -> Callable[[T], T]:
     """Register a `BenchmarkDataset` subclass under `name` (see `robustbench_mat.data`)."""
     return DATASETS.register(name, description=description)
+
+
+# --- what `robustbench-mat list` shows, kept between calls ---------------------------------------
+LISTING_FORMAT = 1
+Listing = dict[str, list[tuple[str, str, str]]]
+
+
+def plugin_listing() -> Listing:
+    """`{"methods": rows, "datasets": rows}`, each row (name, description, source): what
+    `robustbench-mat list` prints.
+
+    Finding the plugins imports every one of them, and with them torch (about 2 s). The rows are
+    therefore kept in the user's cache folder (`$ROBUSTBENCH_MAT_CACHE_DIR/plugins.json`, by
+    default `$XDG_CACHE_HOME/robustbench-mat/`, else `~/.cache/robustbench-mat/`) under a fingerprint of everything that could change them: this
+    package's version and registry, the built-in plugin files, and every installed plugin's
+    entry point, package version and files (paths, sizes and modification times). A later call
+    with the same fingerprint reads the rows instead of importing. A plugin that fails to load
+    is never cached over: its warning shows at every call."""
+    fingerprint = _listing_fingerprint()
+    path = _listing_cache()
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") == fingerprint:
+            return {kind: [tuple(row) for row in rows] for kind, rows in stored["rows"].items()}
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
+        pass  # no cache yet, or an unreadable one: list afresh
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows: Listing = {
+            kind: [(p.name, p.description, p.source) for p in registry]
+            for kind, registry in (("methods", METHODS), ("datasets", DATASETS))
+        }
+    for warning in caught:
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    if not caught:
+        _store(path, {"fingerprint": fingerprint, "rows": rows})
+    return rows
+
+
+def _listing_cache() -> Path:
+    folder = os.environ.get("ROBUSTBENCH_MAT_CACHE_DIR")
+    if not folder:
+        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robustbench-mat"
+    return Path(folder) / "plugins.json"
+
+
+def _store(path: Path, content: dict[str, Any]) -> None:
+    """Write `content` as JSON atomically; a cache that cannot be written is simply not kept."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(content))
+        os.replace(temporary, path)
+    except OSError:
+        pass
+
+
+def _listing_fingerprint() -> str:
+    """A hash of what the listing depends on, computed without importing any plugin."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        own = version("robustbench-mat")
+    except PackageNotFoundError:
+        own = "unknown"
+    parts: list[Any] = [LISTING_FORMAT, own, _file_stamps([Path(__file__)])]
+    for registry in (METHODS, DATASETS):
+        spec = importlib.util.find_spec(registry.builtin_package)
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        parts.append(_file_stamps(p for folder in folders for p in Path(folder).glob("*.py")))
+        for entry_point in sorted(entry_points(group=registry.entry_point_group)):
+            dist = getattr(entry_point, "dist", None)
+            parts.append(
+                [
+                    registry.entry_point_group,
+                    entry_point.name,
+                    entry_point.value,
+                    dist.name if dist else None,
+                    dist.version if dist else None,
+                    _module_stamps(entry_point.value.split(":")[0].split(".")[0]),
+                ]
+            )
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()
+
+
+def _module_stamps(name: str) -> list[Any]:
+    """Stamps of the files of top-level module or package `name` (found, not imported)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return [name, "not found"]
+    if spec is None:
+        return [name, "not found"]
+    if spec.submodule_search_locations:
+        return _file_stamps(
+            Path(root) / file
+            for folder in spec.submodule_search_locations
+            for root, _, files in os.walk(folder)
+            for file in files
+            if file.endswith(".py")
+        )
+    return _file_stamps([Path(spec.origin)] if spec.origin else [])
+
+
+def _file_stamps(paths: Any) -> list[tuple[str, int, int]]:
+    stamps = []
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        stamps.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return sorted(stamps)

@@ -12,6 +12,8 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # spinning makes the first seconds of every process's CPU training ~50x slower. It must be set
 # before torch starts its OpenMP runtime, and subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The plugin listing's cache lives in a folder of the test session, not the user's.
+os.environ["ROBUSTBENCH_MAT_CACHE_DIR"] = __import__("tempfile").mkdtemp(prefix="rbm-cache-")
 
 import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402

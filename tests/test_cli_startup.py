@@ -160,3 +160,68 @@ def test_show_imports_no_training_library_and_loads_no_backbone():
     codes, heavy = json.loads(completed.stdout.splitlines()[-1])
     assert (codes, heavy) == ([0, 0], [])
     assert "Settings on civilcomments" in completed.stdout
+
+
+def _demo_site(site: Path, docstring: str) -> Path:
+    """A package `demo_cached_plugin` 1.0 with one method, `echo`, described by `docstring`."""
+    info = site / "demo_cached_plugin-1.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: demo-cached-plugin\nVersion: 1.0\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "[robustbench_mat.methods]\necho = demo_cached_plugin:Echo\n"
+    )
+    module = site / "demo_cached_plugin.py"
+    module.write_text(f'class Echo:\n    """{docstring}"""\n')
+    return module
+
+
+def test_list_reads_a_kept_listing_until_a_plugin_changes(tmp_path: Path):
+    """The first `list` imports the plugins and keeps its rows; the next one prints the same
+    rows without importing torch; editing a plugin's file lists it afresh."""
+    module = _demo_site(tmp_path / "site", "Echo: first words.")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "site"), *sys.path])),
+        ROBUSTBENCH_MAT_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    code = """
+        import contextlib, io, json, sys
+        from robustbench_mat.cli import main
+
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            main(["list"])
+        print(json.dumps([out.getvalue(), "torch" in sys.modules]))
+        """
+
+    def listing() -> tuple[str, bool]:
+        completed = _python(code, env=env)
+        assert completed.returncode == 0, completed.stderr
+        return tuple(json.loads(completed.stdout.splitlines()[-1]))
+
+    first, imported = listing()
+    assert imported and "Echo: first words." in first and (tmp_path / "cache").is_dir()
+    assert listing() == (first, False)
+    module.write_text('class Echo:\n    """Echo: other words, same length."""\n')
+    os.utime(module, ns=(module.stat().st_mtime_ns + 10**9,) * 2)
+    changed, imported = listing()
+    assert imported and "Echo: other words, same length." in changed
+    assert listing() == (changed, False)
+
+
+def test_a_plugin_that_fails_to_load_is_reported_at_every_list(tmp_path: Path):
+    module = _demo_site(tmp_path / "site", "unused")
+    module.write_text("raise RuntimeError('broken on purpose')\n")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path / "site"), *sys.path])),
+        ROBUSTBENCH_MAT_CACHE_DIR=str(tmp_path / "cache"),
+    )
+    for _ in range(2):
+        completed = _python("from robustbench_mat.cli import main\nmain(['list'])", env=env)
+        assert completed.returncode == 0, completed.stderr
+        assert "could not load method plugin 'echo'" in completed.stderr
+        assert "broken on purpose" in completed.stderr
+        assert "erm" in completed.stdout
