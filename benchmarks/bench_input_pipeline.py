@@ -10,15 +10,20 @@ side by side, in one run, through the paths a run uses:
   start-up (reported apart) does not count;
 - evaluation: `GroupedSplit.eval_loader`, whose workers persist, on its second pass.
 
+Both include the normalisation of each batch, done where the batch arrives (the workers send
+uint8 images).
+
 No network is trained: this is the rate at which images reach the model, which bounds a GPU run
 (ResNet-50 training consumes about 2,500 images/s on one A100).
 
     python benchmarks/bench_input_pipeline.py [--images 1024] [--workers 2] [--size 500x375]
+                                              [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -32,7 +37,7 @@ import robustbench_mat  # noqa: F401  (sets the thread settings before torch sta
 from robustbench_mat.data import BatchSchedule
 from robustbench_mat.datasets.waterbirds import Waterbirds
 from robustbench_mat.download import prepare_dataset
-from robustbench_mat.loading import Loading
+from robustbench_mat.loading import Loading, finish_batch
 from robustbench_mat.training import _Stream
 
 FOLDER = "waterbird_complete95_forest2water2"
@@ -81,7 +86,7 @@ def evaluation_rate(data: Path, workers: int, batch_size: int) -> float:
     for _ in split.eval_loader(batch_size):
         pass
     start = time.perf_counter()
-    count = sum(len(x) for x in split.eval_loader(batch_size))
+    count = sum(len(finish_batch(split.inputs, x)) for x in split.eval_loader(batch_size))
     return count / (time.perf_counter() - start)
 
 
@@ -92,19 +97,26 @@ def main() -> None:
     parser.add_argument("--size", default="500x375", help="JPEG width x height")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=2, help="training passes timed")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     size = tuple(int(side) for side in args.size.split("x"))
     with tempfile.TemporaryDirectory() as folder:
         data = Path(folder)
         write_waterbirds(data, args.images, size)
-        rows = []
-        for workers in (0, args.workers):
-            train_rate, startup = training_rate(data, workers, args.batch_size, args.epochs)
-            eval_rate = evaluation_rate(data, workers, 4 * args.batch_size)
-            rows.append((workers, train_rate, startup, eval_rate))
+        measured: dict[int, list[tuple[float, float, float]]] = {0: [], args.workers: []}
+        for _ in range(args.repeats):  # interleaved, so that a slow spell hits both settings
+            for workers in measured:
+                train_rate, startup = training_rate(data, workers, args.batch_size, args.epochs)
+                eval_rate = evaluation_rate(data, workers, 4 * args.batch_size)
+                measured[workers].append((train_rate, startup, eval_rate))
+    rows = [
+        (workers, *(statistics.median(column) for column in zip(*runs, strict=True)))
+        for workers, runs in measured.items()
+    ]
     print(
         f"{args.images} JPEGs of {size[0]}x{size[1]}, standard transform to 224x224, "
-        f"{torch.get_num_threads()} torch threads in the main process"
+        f"{torch.get_num_threads()} torch threads in the main process; medians of "
+        f"{args.repeats} interleaved repetitions"
     )
     print("| loader workers | training images/s | start-up (s) | evaluation images/s |")
     print("|---|---|---|---|")

@@ -21,7 +21,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from torch import nn
 
 from robustbench_mat.hparams import HParam, resolve
-from robustbench_mat.loading import Loading
+from robustbench_mat.loading import Loading, finish_batch
 
 if TYPE_CHECKING:
     from robustbench_mat.protocols import PaperSetup
@@ -87,7 +87,7 @@ class GroupedSplit:
         """The inputs of `indices`, stacked into one tensor."""
         if self.in_memory:
             return self.inputs[indices]
-        return torch.stack([self.inputs[int(i)] for i in indices])
+        return finish_batch(self.inputs, torch.stack([self.inputs[int(i)] for i in indices]))
 
     def eval_loader(self, batch_size: int) -> torch.utils.data.DataLoader:
         """The on-disk inputs in order, `batch_size` at a time. The loader is kept, so that its

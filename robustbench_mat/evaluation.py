@@ -25,6 +25,7 @@ import torch
 
 from robustbench_mat.data import EvalGroups, GroupedSplit
 from robustbench_mat.errors import UserError
+from robustbench_mat.loading import finish_batch
 
 
 def metric_key(name: str) -> str:
@@ -51,7 +52,8 @@ def predict(
             outputs.append(predict_fn(x).float().cpu())
     else:
         for x in split.eval_loader(batch_size):
-            outputs.append(predict_fn(x.to(device, non_blocking=True)).float().cpu())
+            x = finish_batch(split.inputs, x.to(device, non_blocking=True))
+            outputs.append(predict_fn(x).float().cpu())
     return torch.cat(outputs)
 
 

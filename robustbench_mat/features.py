@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from robustbench_mat.data import stable_hash
-from robustbench_mat.loading import Loading
+from robustbench_mat.loading import Loading, finish_batch
 
 
 def feature_file(
@@ -48,7 +48,8 @@ def extract_features(
     outputs = []
     with tqdm(total=len(inputs), desc=description, disable=not show_progress, unit="ex") as bar:
         for x in loader:
-            outputs.append(backbone(x.to(device, non_blocking=True)).float().cpu())
+            x = finish_batch(inputs, x.to(device, non_blocking=True))
+            outputs.append(backbone(x).float().cpu())
             bar.update(len(x))
     return torch.cat(outputs)
 

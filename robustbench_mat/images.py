@@ -22,7 +22,8 @@ FEATURE_DIM = {"resnet50": 2048}
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images `root/filename`, each returned as one transformed tensor."""
+    """Images `root/filename`, each returned as one transformed uint8 tensor; `batch_transform`
+    normalises a batch of them where the run computes (`loading.finish_batch`)."""
 
     def __init__(self, root: Path, filenames: list[str], transform: Any) -> None:
         self.root, self.filenames, self.transform = root, filenames, transform
@@ -43,6 +44,10 @@ class ImageFiles(torch.utils.data.Dataset):
                 f"{self.root}; prepare the dataset again from its published files"
             )
         return path
+
+    @staticmethod
+    def batch_transform(x: torch.Tensor) -> torch.Tensor:
+        return backbones.normalize_images(x)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError

@@ -178,11 +178,12 @@ def plugin_listing() -> Listing:
     `robustbench-mat list` prints.
 
     Finding the plugins imports every one of them, and with them torch (about 2 s). The rows are
-    therefore kept in the user's cache folder (`$ROBUSTBENCH_MAT_CACHE_DIR/plugins.json`, by
-    default `$XDG_CACHE_HOME/robustbench-mat/`, else `~/.cache/robustbench-mat/`) under a fingerprint of everything that could change them: this
-    package's version and registry, the built-in plugin files, and every installed plugin's
-    entry point, package version and files (paths, sizes and modification times). A later call
-    with the same fingerprint reads the rows instead of importing. A plugin that fails to load
+    therefore kept in the user's cache folder (`plugins.json` in `$ROBUSTBENCH_MAT_CACHE_DIR`,
+    by default `$XDG_CACHE_HOME/robustbench-mat/`, else `~/.cache/robustbench-mat/`) under a
+    fingerprint of everything that could change them: this package's version and registry, the
+    built-in plugin files, and every installed plugin's entry point, package version and files
+    (paths, sizes and modification times). A later call with the same fingerprint reads the
+    rows instead of importing. A plugin that fails to load
     is never cached over: its warning shows at every call."""
     fingerprint = _listing_fingerprint()
     path = _listing_cache()
@@ -208,7 +209,9 @@ def plugin_listing() -> Listing:
 def _listing_cache() -> Path:
     folder = os.environ.get("ROBUSTBENCH_MAT_CACHE_DIR")
     if not folder:
-        folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robustbench-mat"
+        folder = (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robustbench-mat"
+        )
     return Path(folder) / "plugins.json"
 
 

@@ -34,6 +34,7 @@ from robustbench_mat.evaluation import (
     train_group_weights,
 )
 from robustbench_mat.hardware import Acceleration, autocast, grad_scaler, prepare_networks
+from robustbench_mat.loading import finish_batch
 from robustbench_mat.method import Batch, Method
 
 
@@ -257,7 +258,8 @@ class _Stream:
         )
         for idx, x in loader:
             idx = idx.to(self.device)
-            yield idx, x.to(self.device, non_blocking=True), self.y[idx], self.a[idx]
+            x = finish_batch(self.train.inputs, x.to(self.device, non_blocking=True))
+            yield idx, x, self.y[idx], self.a[idx]
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from upstream_fixtures import write_waterbirds
+from upstream_fixtures import write_celeba, write_waterbirds
 
 from robustbench_mat import loading
 from robustbench_mat.data import SplitArrays
@@ -188,3 +188,40 @@ def test_worker_processes_change_no_number(tmp_path: Path, workdir):
         )
         finals.append(run(spec).final)
     assert finals[0] == finals[1]
+
+
+@pytest.mark.parametrize("kind", ["waterbirds", "celeba"])
+def test_images_travel_as_bytes_and_are_normalised_as_torchvision_does(tmp_path: Path, kind):
+    """A loader sends uint8 images; normalised where they arrive, they are bit for bit
+    torchvision's ToTensor and Normalize of the same images."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from robustbench_mat.backbones import IMAGENET_MEAN, IMAGENET_STD
+    from robustbench_mat.datasets.celeba import CelebA
+
+    cls = Waterbirds if kind == "waterbirds" else CelebA
+    if kind == "waterbirds":
+        write_waterbirds(tmp_path / "data" / "waterbirds")
+    else:
+        write_celeba(tmp_path / "data" / "celeba")
+    prepare_dataset(cls, tmp_path / "data", show_progress=False, verify=False)
+    split = cls(tmp_path / "data", weights="none", image_size=64).split("val")
+    images = split.inputs
+    assert images[0].dtype == torch.uint8 and images[0].shape == (3, 64, 64)
+    reference = transforms.Compose(
+        [
+            *images.transform.transforms[:-1],  # the geometric steps
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    expected = []
+    for index in range(len(images)):
+        with Image.open(images.image_path(index)) as image:
+            expected.append(reference(image.convert("RGB")))
+    expected = torch.stack(expected)
+    assert torch.equal(split.fetch(torch.arange(len(split))), expected)
+    batches = list(split.eval_loader(5))  # bytes, normalised where they arrive
+    assert batches[0].dtype == torch.uint8
+    assert torch.equal(torch.cat([loading.finish_batch(images, x) for x in batches]), expected)
