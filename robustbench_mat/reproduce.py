@@ -20,8 +20,8 @@ from robustbench_mat.errors import UserError
 from robustbench_mat.tracking import resolve_workdir, tracking_uri
 from robustbench_mat.tuning import TuneResult, TuneSpec, base_plan, tune
 
-# (regime, method) of the Table 1 rows the harness implements, in the table's order. The table's
-# other rows (uLA, and EIIL, CnC, LS, BAM of the XRM paper) have no implementation here.
+# (regime, method) of the Table 1 rows the harness implements, in the table's order: all of them
+# (EIIL, CnC, LS and BAM of the XRM paper's table have no implementation here).
 TABLE1_ROWS = (
     ("full", "groupdro"),
     ("val-only", "erm"),
@@ -31,6 +31,7 @@ TABLE1_ROWS = (
     ("val-only", "afr"),
     ("val-only", "mat"),
     ("none", "erm"),
+    ("none", "ula"),
     ("none", "xrm"),
     ("none", "mat"),
 )
