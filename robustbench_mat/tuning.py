@@ -521,7 +521,7 @@ def _run_trials(
             "robustbench.trial": trial.number,
         }
         run_spec = spec.run_spec(dict(trial.params), spec.trial_seed, "trial", tags)
-        run_spec.on_evaluation = _reporter(trial, criterion, spec.stale_after)
+        run_spec.on_evaluation = _reporter(trial, criterion, spec.stale_after, spec.prune)
         specs.append(run_spec)
     outcomes = run_many(specs) if len(specs) > 1 else [_outcome(run, specs[0])]
     failure = None
@@ -547,11 +547,12 @@ def _run_trials(
 
 
 def _reporter(
-    trial: optuna.Trial, criterion: str, stale_after: float
+    trial: optuna.Trial, criterion: str, stale_after: float, prune: bool
 ) -> Callable[[dict[str, Any]], None]:
-    """Reports each evaluation to Optuna and stops the trial's model when it is pruned. The
-    trial's sign of life ("alive") is written at most every `stale_after / 4` seconds (one
-    database commit fewer per evaluation of a fast trial)."""
+    """Reports each evaluation to Optuna and stops the trial's model when it is pruned; without
+    pruning, nothing is reported (a database commit per evaluation that no pruner reads: the
+    history is in the trial's MLflow run). The trial's sign of life ("alive") is written at
+    most every `stale_after / 4` seconds (one commit fewer per evaluation of a fast trial)."""
     every = min(60.0, stale_after / 4)
     last_sign = -math.inf
 
@@ -561,6 +562,8 @@ def _reporter(
         if now - last_sign >= every:
             trial.set_user_attr("alive", now)
             last_sign = now
+        if not prune:
+            return
         trial.report(record[criterion], record["step"])
         if trial.should_prune():
             raise RunPruned(f"trial {trial.number} pruned at step {record['step']}")

@@ -98,6 +98,17 @@ def test_tune_records_trials_as_children_and_final_seed_runs(workdir: Path) -> N
     assert again.best_params == result.best_params
 
 
+@pytest.mark.parametrize("prune", [False, True])
+def test_evaluations_reach_optuna_only_for_the_pruner(workdir: Path, prune: bool) -> None:
+    """With pruning, every evaluation is reported (steps 20 and 40); without, none is (a
+    database commit per evaluation that nothing reads), and the trials still finish."""
+    tune(_spec(workdir, trials=2, seeds=1, prune=prune), log=lambda line: None)
+    trials = _study(workdir).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    expected = [20, 40] if prune else []
+    assert [sorted(t.intermediate_values) for t in trials] == [expected, expected]
+
+
 def test_paper_grid_reproduces_the_reference_configurations() -> None:
     # ../shared/reference/algorithms.md, "The exact 10 combos"
     image0 = paper_configuration(0, "image")
