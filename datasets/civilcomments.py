@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
-from robustbench_mat.data import EvalGroups, SplitArrays
+from robustbench_mat.data import EvalGroups, SplitArrays, stable_hash
 from robustbench_mat.errors import UserError
 from robustbench_mat.hparams import HParam
-from robustbench_mat.metadata import UpstreamFile, require_columns, write_table
+from robustbench_mat.metadata import UpstreamFile, file_fingerprint, require_columns, write_table
 from robustbench_mat.protocols import XRM_CODE_OPTIMIZERS, PaperSetup
 from robustbench_mat.registry import register_dataset
-from robustbench_mat.text import TextBenchmark, TokenizedText, text_params
+from robustbench_mat.text import TextBenchmark, cached_tokens, text_params, tokenizer_identity
 
 if TYPE_CHECKING:  # pandas is imported where a table is read or written, not by `list`
     import pandas as pd
@@ -172,6 +172,34 @@ class _CivilComments(TextBenchmark):
             cached = self._texts = frame["comment_text"]
         return cached
 
+    def token_file(self) -> Path:
+        """Where the comments' tokens are cached: `<dataset folder>/tokens/<key>.safetensors`,
+        keyed by the prepared comments file's content (sha256), the tokenizer
+        (`text.tokenizer_identity`) and `max_length`."""
+        key = {
+            "comments": file_fingerprint(self.prepared_files(self.data_dir)[1]),
+            "tokenizer": tokenizer_identity(self.config["backbone"]),
+            "max_length": self.config["max_length"],
+        }
+        return self.dataset_root(self.data_dir) / "tokens" / f"{stable_hash(key, 20)}.safetensors"
+
+    def tokens(self) -> torch.Tensor:
+        """The tokens [comments, max_length, 3] of every prepared comment, in the comments
+        table's order: tokenised once per (comments, tokenizer, max length), then read from the
+        cache."""
+        cached = getattr(self, "_tokens", None)
+        if cached is None:
+            path = self.require(self.prepared_files(self.data_dir)[1])
+            cached = self._tokens = cached_tokens(
+                self.token_file(),
+                lambda: self.texts().tolist(),
+                self.config["backbone"],
+                self.config["max_length"],
+            )
+            if len(cached) != len(self.texts()):
+                raise UserError(f"{path}: its tokens do not match its comments; prepare it again")
+        return cached
+
     def load_split(self, split: str) -> SplitArrays:
         frame = self.split_frame(split)
         missing = [name for name in IDENTITIES if name not in frame.columns]
@@ -180,14 +208,13 @@ class _CivilComments(TextBenchmark):
                 f"{self.metadata_file(self.data_dir)}: missing identity columns "
                 f"{', '.join(missing)}; run `robustbench-mat prepare {self.name}` again"
             )
-        texts = self.texts()
-        try:
-            comments = texts.loc[frame["filename"]].to_numpy()
-        except KeyError as error:
+        rows = self.texts().index.get_indexer(frame["filename"])
+        if (rows < 0).any():
+            missing = frame["filename"].to_numpy()[rows < 0][:3].tolist()
             raise UserError(
                 f"{self.prepared_files(self.data_dir)[1]} lacks comments of the metadata "
-                f"({str(error)[:80]}); prepare the dataset again"
-            ) from None
+                f"({missing}); prepare the dataset again"
+            )
         y = torch.as_tensor(frame["y"].to_numpy(copy=True), dtype=torch.long)
         a = torch.as_tensor(frame["a"].to_numpy(copy=True), dtype=torch.long)
         identities = torch.as_tensor(frame[list(IDENTITIES)].to_numpy(copy=True), dtype=torch.bool)
@@ -206,9 +233,7 @@ class _CivilComments(TextBenchmark):
             identities = torch.nn.functional.one_hot(identity_index, len(IDENTITIES)).bool()
         self._identities = getattr(self, "_identities", {})
         self._identities[split] = identities
-        return SplitArrays(
-            TokenizedText(comments, self.config["backbone"], self.config["max_length"]), y, a
-        )
+        return SplitArrays(self.tokens()[torch.from_numpy(rows)], y, a)
 
     def eval_groups(self, split: str, y: torch.Tensor, a: torch.Tensor) -> EvalGroups:
         """The 16 WILDS groups (identity mentioned x label), overlapping in coarse train."""

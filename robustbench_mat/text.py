@@ -1,13 +1,21 @@
-"""The shared part of the on-disk text benchmarks (MultiNLI, CivilComments): inputs are
-LongTensors [length, 3] of token ids, attention mask and token types per example, and the model
-a Hugging Face sequence classifier (`bert-base-uncased` by default; `minilm` offline)."""
+"""The shared part of the on-disk text benchmarks (MultiNLI, CivilComments): inputs are in-memory
+int32 tensors [length, 3] of token ids, attention mask and token types per example, tokenised
+once and cached (`cached_tokens`), and the model a Hugging Face sequence classifier
+(`bert-base-uncased` by default; `minilm` offline)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from robustbench_mat import backbones
@@ -27,35 +35,72 @@ def text_params() -> dict[str, HParam]:
     }
 
 
-class TokenizedText(torch.utils.data.Dataset):
-    """Texts tokenised on access into [max_length, 3] LongTensors (ids, mask, token types).
+# Files of a tokenizer folder that decide its tokens (besides any `tokenizer*` file).
+TOKENIZER_FILES = (
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "spiece.model",
+    "special_tokens_map.json",
+)
 
-    The tokenizer is loaded lazily, so the dataset pickles cheaply into DataLoader workers."""
 
-    def __init__(self, texts: Any, backbone: str, max_length: int) -> None:
-        self.texts, self.backbone, self.max_length = texts, backbone, max_length
-        self._tokenizer = None
+def tokenizer_identity(backbone: str) -> str:
+    """What the tokens of text backbone `backbone` depend on: for a local folder (the offline
+    `minilm` included) its name and a hash of its tokenizer files, so that replacing the folder
+    changes it; for a Hugging Face hub id, the id."""
+    path = Path(backbones.text_model_path(backbone))
+    if not path.is_dir():
+        return backbone
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and (file.name.startswith("tokenizer") or file.name in TOKENIZER_FILES):
+            digest.update(file.name.encode())
+            digest.update(file.read_bytes())
+    return f"{backbone}@{digest.hexdigest()[:16]}"
 
-    def __len__(self) -> int:
-        return len(self.texts)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_tokenizer": None}
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        if self._tokenizer is None:
-            self._tokenizer = backbones.load_tokenizer(self.backbone)
-        encoded = self._tokenizer(
-            str(self.texts[index]),
+def tokenize(
+    texts: Sequence[str], backbone: str, max_length: int, batch_size: int = 2048
+) -> torch.Tensor:
+    """[len(texts), max_length, 3] int32 tokens (ids, attention mask, token types) of `texts`,
+    truncated or padded to `max_length`, tokenised `batch_size` texts at a time by the
+    backbone's tokenizer (the values of tokenising each text alone)."""
+    tokenizer = backbones.load_tokenizer(backbone)
+    parts = [torch.zeros(0, max_length, 3, dtype=torch.int32)]
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(
+            [str(text) for text in texts[start : start + batch_size]],
             padding="max_length",
             truncation=True,
-            max_length=self.max_length,
+            max_length=max_length,
             return_token_type_ids=True,
+            return_tensors="np",
         )
-        return torch.tensor(
-            [encoded["input_ids"], encoded["attention_mask"], encoded["token_type_ids"]],
-            dtype=torch.long,
-        ).T.contiguous()
+        fields = ("input_ids", "attention_mask", "token_type_ids")
+        parts.append(torch.from_numpy(np.stack([encoded[f] for f in fields], -1).astype(np.int32)))
+    return torch.cat(parts)
+
+
+def cached_tokens(
+    path: Path, texts: Callable[[], Sequence[str]], backbone: str, max_length: int
+) -> torch.Tensor:
+    """The tokens stored at `path`, or `texts()` tokenised (`tokenize`) and stored there
+    atomically on first use. A file that cannot be read, or holds tokens of another length, is
+    tokenised again."""
+    if path.exists():
+        try:
+            tokens = load_file(path)["tokens"]
+        except (OSError, SafetensorError, KeyError, ValueError):
+            tokens = None
+        if tokens is not None and tokens.dim() == 3 and tokens.shape[1:] == (max_length, 3):
+            return tokens
+    tokens = tokenize(texts(), backbone, max_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"tokens": tokens}, temporary)
+    os.replace(temporary, path)
+    return tokens
 
 
 class TextBenchmark(FileDataset):

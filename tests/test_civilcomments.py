@@ -70,8 +70,71 @@ def test_sixteen_overlapping_wilds_groups(data):
 def test_text_is_tokenised_to_ids_mask_and_types(data):
     part = CivilComments(data, **TEXT).split("val")
     x = part.fetch(torch.tensor([0, 1]))
-    assert x.shape == (2, 24, 3) and x.dtype == torch.long
+    assert x.shape == (2, 24, 3) and x.dtype == torch.int32
     assert (x[:, 0, 0] == 101).all() and (x[:, 0, 1] == 1).all()
+
+
+def test_every_row_holds_the_tokens_of_its_own_comment_tokenised_alone(data):
+    """The cached, batch-tokenised tokens of every row of every split are those of its comment
+    tokenised by itself, as each comment was before the cache."""
+    from robustbench_mat.backbones import load_tokenizer
+
+    tokenizer = load_tokenizer("minilm")
+    for cls in (CivilComments, CivilCommentsFine):
+        dataset = cls(data, **TEXT)
+        texts = dataset.texts()
+        for split in ("train", "val", "test"):
+            filenames = dataset.split_frame(split)["filename"]
+            for row, filename in zip(dataset.split(split).inputs, filenames, strict=True):
+                alone = tokenizer(
+                    str(texts.loc[filename]),
+                    padding="max_length",
+                    truncation=True,
+                    max_length=24,
+                    return_token_type_ids=True,
+                )
+                fields = ("input_ids", "attention_mask", "token_type_ids")
+                assert row.tolist() == [
+                    list(t) for t in zip(*(alone[f] for f in fields), strict=True)
+                ]
+
+
+def test_tokens_are_cached_per_comments_tokenizer_and_length(data, monkeypatch):
+    from robustbench_mat import backbones
+
+    first = CivilComments(data, **TEXT)
+    tokens = first.split("train").inputs
+    files = list((data / "civilcomments" / "tokens").glob("*.safetensors"))
+    assert len(files) == 1
+
+    def no_tokenizer(name):
+        raise AssertionError("tokenised again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backbones, "load_tokenizer", no_tokenizer)
+        again = CivilComments(data, **TEXT)
+        assert torch.equal(again.split("train").inputs, tokens)  # read, not tokenised
+        fine = CivilCommentsFine(data, **TEXT)  # its own comments file
+        assert fine.token_file() != again.token_file()
+    longer = CivilComments(data, backbone="minilm", max_length=30)
+    assert longer.token_file() != first.token_file()
+    assert longer.split("train").inputs.shape[1] == 30
+    before = first.token_file()
+    comments = first.prepared_files(data)[1]
+    comments.write_text(comments.read_text().replace(" comment", " remark"))
+    rewritten = CivilComments(data, **TEXT)
+    assert rewritten.token_file() != before
+    assert not torch.equal(rewritten.split("train").inputs, tokens)
+    assert len(list((data / "civilcomments" / "tokens").glob("*.safetensors"))) == 3
+
+
+def test_a_damaged_token_cache_is_tokenised_again(data):
+    first = CivilComments(data, **TEXT)
+    tokens = first.split("val").inputs
+    path = first.token_file()
+    path.write_bytes(path.read_bytes()[:100])  # a copy cut short
+    assert torch.equal(CivilComments(data, **TEXT).split("val").inputs, tokens)
+    assert len(path.read_bytes()) > 100
 
 
 def test_quotes_and_newlines_survive_conversion(data):
