@@ -100,6 +100,10 @@ class GroupedSplit:
             )
         return self._eval_loaders[key]
 
+    def release_loaders(self) -> None:
+        """Drop the kept evaluation loaders; their worker processes exit."""
+        self._eval_loaders.clear()
+
     def probe_inputs(self, n: int = 8) -> torch.Tensor:
         """The inputs of the first `n` examples: a small batch for checking a model's shape."""
         return self.fetch(torch.arange(min(n, len(self))))
@@ -201,6 +205,11 @@ class BenchmarkDataset:
             split.loading = loading
         scale = GPU_EVAL_BATCH_SCALE if device.type == "cuda" else 1
         self.eval_batch_size = type(self).eval_batch_size * scale
+
+    def release_loaders(self) -> None:
+        """End the worker processes that the splits' evaluation loaders keep (a run's end)."""
+        for split in self._splits.values():
+            split.release_loaders()
 
     # --- derived ----------------------------------------------------------------------------
     @property

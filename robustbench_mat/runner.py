@@ -468,8 +468,11 @@ def run_many(specs: list[RunSpec]) -> list[RunResult | Exception]:
     With a single spec, its exception is raised instead."""
     if len(specs) == 1:
         the_plan = plan(specs[0])
-        with _exclusive(the_plan.run_dir, specs[0].show_progress):
-            return [_reuse_or_train([the_plan])[0]]
+        try:
+            with _exclusive(the_plan.run_dir, specs[0].show_progress):
+                return [_reuse_or_train([the_plan])[0]]
+        finally:
+            the_plan.dataset.release_loaders()
     outcomes: dict[int, RunResult | Exception] = {}
     plans: dict[int, RunPlan] = {}
     for index, spec in enumerate(specs):
@@ -479,10 +482,14 @@ def run_many(specs: list[RunSpec]) -> list[RunResult | Exception]:
             outcomes[index] = error
     _share_datasets(plans)
     unique = {the_plan.key: the_plan for the_plan in plans.values()}
-    with contextlib.ExitStack() as held:
+    try:
+        with contextlib.ExitStack() as held:
+            for the_plan in unique.values():
+                held.enter_context(_exclusive(the_plan.run_dir, the_plan.spec.show_progress))
+            results = dict(zip(unique, _reuse_or_train(list(unique.values())), strict=True))
+    finally:
         for the_plan in unique.values():
-            held.enter_context(_exclusive(the_plan.run_dir, the_plan.spec.show_progress))
-        results = dict(zip(unique, _reuse_or_train(list(unique.values())), strict=True))
+            the_plan.dataset.release_loaders()
     for index, the_plan in plans.items():
         outcomes[index] = results[the_plan.key]
     return [outcomes[index] for index in range(len(specs))]

@@ -148,6 +148,36 @@ def test_every_pass_reads_with_the_runs_loader_workers(
     assert mlflow.get_run(result.run_id).data.params["loader_workers"] == "3"
 
 
+def test_a_run_leaves_no_loader_worker_behind(disk_synthetic, workdir, monkeypatch):
+    """Evaluation loaders keep their workers for the run's evaluations, and end them with it,
+    even while something still holds the run's dataset."""
+    import multiprocessing
+
+    from robustbench_mat import runner
+
+    held = []
+
+    def holding(spec):
+        held.append(planned(spec))
+        return held[-1]
+
+    planned = runner.plan
+    monkeypatch.setattr(runner, "plan", holding)
+    spec = RunSpec(
+        method="jtt",
+        dataset=disk_synthetic,
+        data_params={"n": 120, "dim": 12},
+        steps=6,
+        eval_every=3,
+        workdir=workdir,
+        show_progress=False,
+        num_workers=2,
+    )
+    run(spec)
+    assert held and held[0].dataset.split("val")._eval_loaders == {}
+    assert multiprocessing.active_children() == []
+
+
 def test_feature_extraction_reads_with_the_runs_loader_workers(tmp_path: Path, loaders, workdir):
     write_waterbirds(tmp_path / "data" / "waterbirds")
     prepare_dataset(Waterbirds, tmp_path / "data", show_progress=False)
