@@ -11,7 +11,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from safetensors import SafetensorError
@@ -67,7 +66,7 @@ def tokenize(
     truncated or padded to `max_length`, tokenised `batch_size` texts at a time by the
     backbone's tokenizer (the values of tokenising each text alone)."""
     tokenizer = backbones.load_tokenizer(backbone)
-    parts = [torch.zeros(0, max_length, 3, dtype=torch.int32)]
+    tokens = torch.empty(len(texts), max_length, 3, dtype=torch.int32)  # filled in place: one copy
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(
             [str(text) for text in texts[start : start + batch_size]],
@@ -77,9 +76,9 @@ def tokenize(
             return_token_type_ids=True,
             return_tensors="np",
         )
-        fields = ("input_ids", "attention_mask", "token_type_ids")
-        parts.append(torch.from_numpy(np.stack([encoded[f] for f in fields], -1).astype(np.int32)))
-    return torch.cat(parts)
+        for field, name in enumerate(("input_ids", "attention_mask", "token_type_ids")):
+            tokens[start : start + batch_size, :, field] = torch.from_numpy(encoded[name])
+    return tokens
 
 
 def cached_tokens(
