@@ -525,9 +525,17 @@ def _run_trials(
         specs.append(run_spec)
     outcomes = run_many(specs) if len(specs) > 1 else [_outcome(run, specs[0])]
     failure = None
+    # One read of the study for the progress lines, not two per trial (each a database query);
+    # trials that other workers finish meanwhile show in the next batch's lines.
+    done = study.get_trials(deepcopy=False, states=FINISHED)
+    finished = len(done)
+    pick = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
+    values = [t.value for t in done if t.state == TrialState.COMPLETE]
+    best = pick(values) if values else None
     for trial, outcome in zip(trials, outcomes, strict=True):
         if isinstance(outcome, RunPruned):
             study.tell(trial, state=TrialState.PRUNED)
+            finished += 1
             log(f"trial {trial.number}: pruned")
             continue
         if isinstance(outcome, BaseException):
@@ -537,10 +545,10 @@ def _run_trials(
         trial.set_user_attr("mlflow_run_id", outcome.run_id)
         value = outcome.selected[criterion]
         study.tell(trial, value)
-        finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+        finished, best = finished + 1, value if best is None else pick(best, value)
         log(
             f"trial {trial.number} ({finished} of {target} finished): {criterion} = "
-            f"{value:.4f} with {_short(trial.params)}; best so far {study.best_value:.4f}"
+            f"{value:.4f} with {_short(trial.params)}; best so far {best:.4f}"
         )
     if failure is not None:
         raise failure

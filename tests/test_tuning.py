@@ -109,6 +109,18 @@ def test_evaluations_reach_optuna_only_for_the_pruner(workdir: Path, prune: bool
     assert [sorted(t.intermediate_values) for t in trials] == [expected, expected]
 
 
+def test_progress_lines_count_the_finished_trials_and_the_best_so_far(workdir: Path) -> None:
+    lines: list[str] = []
+    tune(_spec(workdir, trials=3, seeds=1), log=lines.append)
+    trials = sorted(_study(workdir).trials, key=lambda t: t.number)
+    progress = [line for line in lines if "finished):" in line]
+    assert len(progress) == 3
+    for k, (line, trial) in enumerate(zip(progress, trials, strict=True), start=1):
+        best = max(t.value for t in trials[:k])
+        assert line.startswith(f"trial {trial.number} ({k} of 3 finished): val_wga = ")
+        assert line.endswith(f"best so far {best:.4f}")
+
+
 def test_paper_grid_reproduces_the_reference_configurations() -> None:
     # ../shared/reference/algorithms.md, "The exact 10 combos"
     image0 = paper_configuration(0, "image")
