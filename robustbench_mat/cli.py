@@ -613,7 +613,7 @@ def _add_acceleration_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         dest="num_workers",
         metavar="N",
-        help="data-loading worker processes for on-disk images and texts, in every pass "
+        help="data-loading worker processes for on-disk inputs (images), in every pass "
         "(training, evaluation, stages, feature extraction); auto (default): the cores per GPU "
         "(at most 8) on CUDA, 0 on the CPU",
     )

@@ -84,7 +84,7 @@ class GroupedSplit:
         return isinstance(self.inputs, torch.Tensor)
 
     def fetch(self, indices: torch.Tensor) -> torch.Tensor:
-        """The inputs of `indices`, stacked into one tensor."""
+        """The inputs of `indices`, stacked into one tensor as the model takes them."""
         if self.in_memory:
             return self.inputs[indices]
         return finish_batch(self.inputs, torch.stack([self.inputs[int(i)] for i in indices]))
