@@ -1,18 +1,18 @@
-"""How on-disk inputs reach the device: DataLoader worker processes, pinned memory, and
-evaluation loaders whose workers stay alive between evaluations.
+"""How on-disk inputs reach the device: DataLoader worker processes, pinned memory, and evaluation
+loaders whose workers stay alive between evaluations.
 
 Images are decoded in the loader; one process decodes and resizes about 350 (Waterbirds) to 800
 (CelebA) images/s, far below what a GPU trains on, so a run on CUDA reads with worker processes
-by default (the machine's cores per visible GPU, at most 8) into pinned memory. On the CPU the default is 0
-workers: the training process already uses every core. Inputs held in memory (cached features,
-tokenised texts, the synthetic tasks) never go through a loader. A dataset whose items need a last
-step per batch (images: uint8 to normalised floats, `batch_transform`) gets it once the batch
-has arrived on the run's device: a quarter of the bytes travel from the workers and to the
-GPU, and the normalisation is one vectorised pass over the batch (on the CPU too, where the
-workers' float batches cost more to send than the pass). Every pass that reads a split goes
-through here: training steps, evaluations, group inference, the stages of two-stage methods
-and feature extraction. Workers change no number: the transforms are
-deterministic and the batch order is the schedule's.
+by default (the machine's cores per visible GPU, at most 8) into pinned memory. On the CPU the
+default is 0 workers: the training process already uses every core. Inputs held in memory
+(cached features, tokenised texts, the synthetic tasks) never go through a loader. A dataset
+whose items need a last step per batch (images: uint8 to normalised floats, `batch_transform`)
+gets it once the batch has arrived on the run's device: a quarter of the bytes travel from the
+workers and to the GPU, and the normalisation is one vectorised pass over the batch (on the CPU
+too, where the workers' float batches cost more to send than the pass). Every pass that reads a
+split goes through here: training steps, evaluations, group inference, the stages of two-stage
+methods and feature extraction. Workers change no number: the transforms are deterministic and
+the batch order is the schedule's.
 """
 
 from __future__ import annotations

@@ -183,8 +183,8 @@ def plugin_listing() -> Listing:
     fingerprint of everything that could change them: this package's version and registry, the
     built-in plugin files, and every installed plugin's entry point, package version and files
     (paths, sizes and modification times). A later call with the same fingerprint reads the
-    rows instead of importing. A plugin that fails to load
-    is never cached over: its warning shows at every call."""
+    rows instead of importing. A plugin that fails to load is never cached over: its warning
+    shows at every call."""
     fingerprint = _listing_fingerprint()
     path = _listing_cache()
     try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -81,20 +81,18 @@ def tokenize(
     return tokens
 
 
-def cached_tokens(
-    path: Path, texts: Callable[[], Sequence[str]], backbone: str, max_length: int
-) -> torch.Tensor:
-    """The tokens stored at `path`, or `texts()` tokenised (`tokenize`) and stored there
-    atomically on first use. A file that cannot be read, or holds tokens of another length, is
-    tokenised again."""
+def cached_tokens(path: Path, texts: Sequence[str], backbone: str, max_length: int) -> torch.Tensor:
+    """The tokens of `texts` stored at `path`, or `texts` tokenised (`tokenize`) and stored
+    there atomically on first use. A file that cannot be read, or whose tokens have another
+    shape, is tokenised again."""
     if path.exists():
         try:
             tokens = load_file(path)["tokens"]
         except (OSError, SafetensorError, KeyError, ValueError):
             tokens = None
-        if tokens is not None and tokens.dim() == 3 and tokens.shape[1:] == (max_length, 3):
+        if tokens is not None and tokens.shape == (len(texts), max_length, 3):
             return tokens
-    tokens = tokenize(texts(), backbone, max_length)
+    tokens = tokenize(texts, backbone, max_length)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({"tokens": tokens}, temporary)
