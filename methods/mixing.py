@@ -59,11 +59,12 @@ def selective_mix(
     The batch comes back unmixed (one-hot targets) when no class (attribute value) has two
     values of the other variable in it.
 
-    Computed without reading anything back from the device: every round a batch could need
-    (at most len(values), as each round mixes at least one pair) is drawn at once as a
-    [rounds, batch] table of candidate mixtures, the rounds after the one that reaches
-    len(values) are masked out, and a random key per remaining candidate picks the shuffled
-    first len(values).
+    Computed without reading anything back from the device: the pair choices of every round a
+    batch could need (at most len(values), as each round mixes at least one pair) are drawn at
+    once, the rounds after the one that reaches len(values) mixtures are dropped, the mixtures
+    of the others are numbered (fewer than 2 len(values)), and random keys pick len(values) of
+    the numbers in random order, which are then traced back to their round, cell and rank.
+    `benchmarks/bench_lisa_mix.py` compares the distribution with the loop's.
     """
     n, device = len(values), values.device
     targets = F.one_hot(y, n_classes).float()
@@ -77,31 +78,36 @@ def selective_mix(
     example[(within * c + varying) * n + rank] = torch.arange(n, device=device)
     mixable = (counts > 0).sum(1) >= 2  # values of `within` with two values of `varying`
 
-    rounds = n
+    rounds = n  # each round mixes at least one pair: never more are needed
     scores = torch.rand(rounds, c, c, device=device).masked_fill(counts == 0, -1.0)
     first, second = scores.topk(2, dim=2).indices.unbind(2)  # [rounds, c] each
     per_round = counts.expand(rounds, c, c)
     k = torch.minimum(
         per_round.gather(2, first[..., None]), per_round.gather(2, second[..., None])
     )[..., 0]
-    first, second, k = first[:, within], second[:, within], k[:, within]  # [rounds, n]
-    in_pair = rank < k
+    made = k * mixable * (2 if cut else 1)  # mixtures of each (round, value of `within`)
+    in_round = made.sum(1)
+    made = made * (in_round.cumsum(0) - in_round < n)[:, None]  # the rounds the loop runs
+    # Every mixture made is numbered, group after group (a group: one value of `within` in one
+    # round); fewer than 2n exist, as the last round run makes at most n. A random key per
+    # number below their count picks n of them, in random order.
+    ends = made.view(-1).cumsum(0)
+    keys = torch.rand(2 * n, device=device)
+    keys = torch.where(torch.arange(2 * n, device=device) < ends[-1], keys, 2.0)
+    chosen = keys.topk(n, largest=False).indices
+    group = torch.searchsorted(ends, chosen, right=True).clamp(max=rounds * c - 1)
+    slot = chosen - (ends - made.view(-1))[group]
+    key, first, second, k = group % c, first.view(-1)[group], second.view(-1)[group], k.view(-1)
+    k = k[group]
+    # Slot s < k mixes the s-th example of the first side with the s-th of the second; with
+    # `cut`, slot k + s mixes them the other way round.
+    flipped = slot >= k
+    rank_in_cell = slot - flipped * k
+    own, other = torch.where(flipped, second, first), torch.where(flipped, first, second)
+    # (Clamped: when nothing can be mixed the numbers are meaningless and the batch is kept.)
+    i = example[((key * c + own) * n + rank_in_cell).clamp(0, len(example) - 1)]
+    j = example[((key * c + other) * n + rank_in_cell).clamp(0, len(example) - 1)]
     if cut:
-        candidate = in_pair & ((varying == first) | (varying == second))
-        other = torch.where(varying == first, second, first)
-    else:
-        candidate = in_pair & (varying == first)
-        other = second
-    candidate &= mixable[within]
-    made = candidate.sum(1)
-    candidate &= (made.cumsum(0) - made < n)[:, None]  # the rounds SubpopBench's loop runs
-    partner = example[(within * c + other) * n + rank]  # [rounds, n]
-
-    keys = torch.where(candidate, torch.rand(rounds, n, device=device), 2.0)
-    chosen = keys.view(-1).topk(n, largest=False).indices  # a random order of n candidates
-    i, j = chosen % n, partner.view(-1)[chosen]
-    if cut:
-        group = (chosen // n) * c + within[i]
         mixed, kept = _paste_boxes(values[i], values[j], group, rounds * c, alpha)
     else:
         kept = beta(alpha, n, device)

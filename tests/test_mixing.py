@@ -122,6 +122,27 @@ def test_lisa_leaves_a_batch_it_cannot_mix_unchanged() -> None:
 
 
 @pytest.mark.parametrize("same_label", [True, False])
+def test_lisa_with_three_attribute_values_mixes_within_the_rule(same_label: bool) -> None:
+    """Cells of 6, 4, 2 and 2, 4, 6 examples: which two attribute values a round pairs decides
+    how many pairs it mixes (2 or 4 per class), so rounds differ; every mixture still joins the
+    k-th of one allowed cell with the k-th of the other."""
+    y = torch.tensor([0] * 12 + [1] * 12)
+    a = torch.tensor([0] * 6 + [1] * 4 + [2] * 2 + [0] * 2 + [1] * 4 + [2] * 6)
+
+    def rank(i: int) -> int:
+        return int(((y[:i] == y[i]) & (a[:i] == a[i])).sum())
+
+    for seed in range(20):
+        torch.manual_seed(seed)
+        mixed, _ = selective_mix(torch.eye(24), y, a, 2, 3, same_label, alpha=2.0)
+        assert mixed.shape == (24, 24)
+        for row in mixed:
+            (i, _), (j, _) = _sources(row)
+            within, varying = (y, a) if same_label else (a, y)
+            assert within[i] == within[j] and varying[i] != varying[j] and rank(i) == rank(j)
+
+
+@pytest.mark.parametrize("same_label", [True, False])
 @pytest.mark.parametrize("seed", range(3))
 def test_lisa_rounds_fill_the_batch_with_each_pair_equally_often(same_label, seed) -> None:
     """Each round pairs the k-th of one side with the k-th of the other: 2 pairs per class
