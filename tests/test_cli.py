@@ -479,6 +479,12 @@ def test_run_numbers_out_of_range_are_one_line_errors(flag, value, fragment, wor
 
 
 # --- flag names: counts are --n-seeds, data-loader workers --loader-workers --------------------
+TRAINING_COMMANDS = {
+    "tune": ["tune", "--method", "erm", "--dataset", "synthetic"],
+    "sweep": SWEEP,
+    "reproduce": ["reproduce", "table1", "--dataset", "waterbirds"],
+    "run": ["run", "--method", "erm", "--dataset", "synthetic"],
+}
 
 
 @pytest.mark.parametrize(
@@ -495,12 +501,7 @@ def test_old_flag_spellings_still_work_with_a_one_line_deprecation(
 ):
     from robustbench_mat.cli import build_parser
 
-    base = {
-        "tune": ["tune", "--method", "erm", "--dataset", "synthetic"],
-        "sweep": SWEEP,
-        "reproduce": ["reproduce", "table1", "--dataset", "waterbirds"],
-        "run": ["run", "--method", "erm", "--dataset", "synthetic"],
-    }[command]
+    base = TRAINING_COMMANDS[command]
     parser = build_parser()
     assert getattr(parser.parse_args([*base, new, str(value)]), dest) == value
     assert capsys.readouterr().err == ""
@@ -515,12 +516,7 @@ def test_old_flag_spellings_still_work_with_a_one_line_deprecation(
 def test_loader_workers_reach_every_training_command(command):
     from robustbench_mat.cli import build_parser
 
-    base = {
-        "tune": ["tune", "--method", "erm", "--dataset", "synthetic"],
-        "sweep": SWEEP,
-        "reproduce": ["reproduce", "table1", "--dataset", "waterbirds"],
-        "run": ["run", "--method", "erm", "--dataset", "synthetic"],
-    }[command]
+    base = TRAINING_COMMANDS[command]
     parser = build_parser()
     assert parser.parse_args([*base, "--loader-workers", "3"]).num_workers == 3
     assert parser.parse_args([*base, "--loader-workers", "auto"]).num_workers is None
