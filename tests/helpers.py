@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -88,3 +90,14 @@ def run_tiny(workdir: Path, method: str, **overrides):
     client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     assert client.get_run(result.run_id).info.status == "FINISHED"
     return result
+
+
+@contextlib.contextmanager
+def registered(registry, name: str, cls: type) -> Iterator[str]:
+    """`cls` registered in `registry` (METHODS or DATASETS) as `name` for the block's duration."""
+    registry.discover()
+    registry.register(name)(cls)
+    try:
+        yield name
+    finally:
+        registry._plugins.pop(name)

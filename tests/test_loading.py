@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from helpers import registered
 from upstream_fixtures import write_celeba, write_waterbirds
 
 from robustbench_mat import loading
@@ -48,10 +49,8 @@ class DiskSynthetic(Synthetic):
 
 @pytest.fixture
 def disk_synthetic():
-    DATASETS.discover()
-    DATASETS.register("disk-synthetic")(DiskSynthetic)
-    yield "disk-synthetic"
-    DATASETS._plugins.pop("disk-synthetic")
+    with registered(DATASETS, "disk-synthetic", DiskSynthetic) as name:
+        yield name
 
 
 @pytest.fixture

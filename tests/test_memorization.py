@@ -9,6 +9,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from helpers import registered
 from torch import nn
 
 from robustbench_mat.data import BenchmarkDataset, SplitArrays
@@ -64,10 +65,8 @@ class KnownAnswers(BenchmarkDataset):
 
 @pytest.fixture
 def known_answers():
-    DATASETS.discover()
-    DATASETS.register("known-answers")(KnownAnswers)
-    yield "known-answers"
-    DATASETS._plugins.pop("known-answers")
+    with registered(DATASETS, "known-answers", KnownAnswers) as name:
+        yield name
 
 
 def test_self_influence_by_hand():
