@@ -354,13 +354,19 @@ def _postgres_reason() -> str | None:
 
 
 @pytest.mark.skipif(_postgres_reason() is not None, reason=str(_postgres_reason()))
-def test_four_workers_on_a_postgresql_study(workdir: Path) -> None:
+@pytest.mark.parametrize(("workers", "parallel"), [(4, 1), (2, 3)])
+def test_workers_on_a_postgresql_study(workdir: Path, workers: int, parallel: int) -> None:
+    """Workers share one PostgreSQL study, alone or each training stacks of trials: exactly
+    the 8 trials asked for finish."""
     storage = POSTGRES_URL
     name_prefix = "erm.synthetic.val-only.steps40."
     for name in optuna.get_all_study_names(storage):
         if name.startswith(name_prefix):
             optuna.delete_study(study_name=name, storage=storage)
-    tune(_spec(workdir, trials=8, seeds=1, workers=4, storage=storage), log=lambda line: None)
+    spec = _spec(
+        workdir, trials=8, seeds=1, workers=workers, parallel_trials=parallel, storage=storage
+    )
+    tune(spec, log=lambda line: None)
     (name,) = [n for n in optuna.get_all_study_names(storage) if n.startswith(name_prefix)]
     study = optuna.load_study(study_name=name, storage=storage)
     assert _states(study) == ["COMPLETE"] * 8
