@@ -33,7 +33,14 @@ from robustbench_mat.evaluation import (
     predict,
     train_group_weights,
 )
-from robustbench_mat.hardware import Acceleration, autocast, grad_scaler, prepare_networks
+from robustbench_mat.hardware import (
+    Acceleration,
+    autocast,
+    grad_scaler,
+    intra_op_threads,
+    prepare_networks,
+    step_threads,
+)
 from robustbench_mat.loading import finish_batch
 from robustbench_mat.method import Batch, Method
 
@@ -204,6 +211,12 @@ def cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
     return copied
 
 
+def rows(inputs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`inputs[indices]` for integer indices of any shape, by `index_select`: it copies whole
+    rows, 3-4 times faster than advanced indexing for a batch of 2048-d features on the CPU."""
+    return inputs.index_select(0, indices.flatten()).view(*indices.shape, *inputs.shape[1:])
+
+
 class _Indexed(torch.utils.data.Dataset):
     """An on-disk dataset whose items carry their index, so that batches know their examples."""
 
@@ -250,7 +263,7 @@ class _Stream:
                     yield self.full
                 else:
                     idx = self.schedule.indices(step).to(self.device)
-                    yield idx, self.x[idx], self.y[idx], self.a[idx]
+                    yield idx, rows(self.x, idx), self.y[idx], self.a[idx]
             return
         # One loader for the whole range: its workers read ahead across evaluations.
         loader = self.train.loading.loader(
@@ -544,27 +557,34 @@ class _Alone:
             _set_rng_state(model.rng, settings.device)
 
     def steps(self, start: int, stop: int) -> Iterator[list[float]]:
-        model, method = self.model, self.model.method
+        model = self.model
         show_groups = model.settings.train_groups_visible
         n_attributes = model.dataset.n_attributes
+        threads = step_threads(model.settings.device, _step_multiply_adds([model]))
         for step, (idx, x, y, a) in enumerate(self.stream.batches(start, stop), start=start + 1):
             batch = Batch(idx, x, y, a if show_groups else None, n_attributes)
-            with _autocast(model.settings):
-                loss = method.loss(batch)
-            value = loss.item()
-            if math.isfinite(value):
-                model.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is None:
-                    loss.backward()
-                    model.optimizer.step()
-                else:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.step(model.optimizer)
-                    self.scaler.update()
-                if model.scheduler is not None:
-                    model.scheduler.step()
-                method.after_step(batch, step)
+            with intra_op_threads(threads):
+                value = self._step(batch, step)
             yield [value]
+
+    def _step(self, batch: Batch, step: int) -> float:
+        model, method = self.model, self.model.method
+        with _autocast(model.settings):
+            loss = method.loss(batch)
+        value = loss.item()
+        if math.isfinite(value):
+            model.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is None:
+                loss.backward()
+                model.optimizer.step()
+            else:
+                self.scaler.scale(loss).backward()
+                self.scaler.step(model.optimizer)
+                self.scaler.update()
+            if model.scheduler is not None:
+                model.scheduler.step()
+            method.after_step(batch, step)
+        return value
 
     def logits_of(self, model: _Model) -> Callable[[GroupedSplit], torch.Tensor]:
         settings = model.settings
@@ -617,48 +637,52 @@ class _Stacked:
         self._logits: dict[tuple[int, str], torch.Tensor] = {}
 
     def steps(self, start: int, stop: int) -> Iterator[list[float]]:
-        models, stack, optimizer = self.models, self.stack, self.optimizer
-        first = models[0]
-        show_groups = first.settings.train_groups_visible
-        schedulers = [m.scheduler for m in models]
-        scheduled = schedulers[0] is not None
+        threads = step_threads(self.device, _step_multiply_adds(self.models))
         for step in range(start + 1, stop + 1):
-            if self.shared:
-                idx = first.schedule.indices(step - 1).to(self.device)
-            elif self.full_idx is not None:
-                idx = self.full_idx
-            else:
-                idx = torch.stack([m.schedule.indices(step - 1) for m in models]).to(self.device)
-            a = self.a[idx] if show_groups else None
-            x = self.full_x if self.full_x is not None else self.x[idx]
-            try:
-                with _autocast(first.settings):
-                    losses, gradients = stack.losses_and_gradients(
-                        idx, x, self.y[idx], a, first.dataset.n_attributes, not self.shared
-                    )
-            except RuntimeError as error:  # e.g. `.item()` or an `if` on a tensor in a hook
-                if step == start + 1 and "vmap" in str(error):
-                    raise _NotVectorisable(first_line(error)) from error
-                raise
-            values = losses.tolist()
-            for k, value in enumerate(values):
-                if not math.isfinite(value):
-                    optimizer.active[k] = 0.0
-            scale = None
-            if scheduled:
-                scale = torch.tensor(
-                    [s.get_last_lr()[0] / s.base_lrs[0] for s in schedulers], dtype=torch.float64
-                )
-            optimizer.step(gradients, scale)
-            if scheduled:
-                with warnings.catch_warnings():  # the members' own optimisers never step
-                    warnings.filterwarnings(
-                        "ignore", "Detected call of `lr_scheduler.step", UserWarning
-                    )
-                    for scheduler in schedulers:
-                        scheduler.step()
+            with intra_op_threads(threads):
+                values = self._step(step, first_step=step == start + 1)
             self._logits.clear()
             yield values
+
+    def _step(self, step: int, first_step: bool) -> list[float]:
+        models, stack, optimizer = self.models, self.stack, self.optimizer
+        first = models[0]
+        if self.shared:
+            idx = first.schedule.indices(step - 1).to(self.device)
+        elif self.full_idx is not None:
+            idx = self.full_idx
+        else:
+            idx = torch.stack([m.schedule.indices(step - 1) for m in models]).to(self.device)
+        a = self.a[idx] if first.settings.train_groups_visible else None
+        x = self.full_x if self.full_x is not None else rows(self.x, idx)
+        try:
+            with _autocast(first.settings):
+                losses, gradients = stack.losses_and_gradients(
+                    idx, x, self.y[idx], a, first.dataset.n_attributes, not self.shared
+                )
+        except RuntimeError as error:  # e.g. `.item()` or an `if` on a tensor in a hook
+            if first_step and "vmap" in str(error):
+                raise _NotVectorisable(first_line(error)) from error
+            raise
+        values = losses.tolist()
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                optimizer.active[k] = 0.0
+        schedulers = [m.scheduler for m in models]
+        scale = None
+        if schedulers[0] is not None:
+            scale = torch.tensor(
+                [s.get_last_lr()[0] / s.base_lrs[0] for s in schedulers], dtype=torch.float64
+            )
+        optimizer.step(gradients, scale)
+        if schedulers[0] is not None:
+            with warnings.catch_warnings():  # the members' own optimisers never step
+                warnings.filterwarnings(
+                    "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                )
+                for scheduler in schedulers:
+                    scheduler.step()
+        return values
 
     def logits_of(self, model: _Model) -> Callable[[GroupedSplit], torch.Tensor]:
         """Logits of `model` on a split, computed for every model of the stack at once (the
@@ -787,6 +811,21 @@ def _loop(models: list[_Model]) -> None:
                 stepper.sync(model)
     finally:
         bar.close()
+
+
+def _step_multiply_adds(models: Sequence[_Model]) -> int | None:
+    """Multiply-adds of one step of `models` together, estimated as batch rows x trained
+    parameters; None unless every network is made of linear layers (a convolution's work is
+    not its parameter count)."""
+    from robustbench_mat.stacking import other_layer
+
+    total = 0
+    for model in models:
+        if other_layer(model.method) is not None:
+            return None
+        trained = sum(p.numel() for p in model.method.parameters() if p.requires_grad)
+        total += model.schedule.batch_size * trained
+    return total
 
 
 def _autocast(settings: LoopSettings) -> contextlib.AbstractContextManager:

@@ -15,6 +15,8 @@ from robustbench_mat.runner import RunSpec, run, run_many
 from robustbench_mat.stacking import ModelStack, StackedOptimizer, why_not_stackable
 
 TOLERANCE = 1e-5
+# Or a few float32 steps of the value: a diverging run's loss of 267 is held to 3e-5 in float32.
+RELATIVE = 1e-6
 METHOD_SETTINGS = {  # a setting of the method's own that differs between the stacked models
     "erm": None,
     "groupdro": ("eta", [0.01, 0.05, 0.1]),
@@ -66,7 +68,11 @@ def _assert_same(alone, stacked) -> None:
         for record, twin in zip(one.history(), other.history(), strict=True):
             assert record.keys() == twin.keys()
             for key, value in record.items():
-                assert math.isclose(value, twin[key], abs_tol=TOLERANCE), (key, value, twin[key])
+                assert math.isclose(value, twin[key], rel_tol=RELATIVE, abs_tol=TOLERANCE), (
+                    key,
+                    value,
+                    twin[key],
+                )
 
 
 class _Result:
@@ -269,3 +275,84 @@ def test_hooks_that_cannot_be_vectorised_fall_back_to_one_at_a_time(tmp_path, ca
     assert capsys.readouterr().err.count("cannot be vectorised") == 1
     alone = run(_specs(tmp_path / "alone", "test-item-in-loss")[2])
     assert outcomes[2].final == pytest.approx(alone.final, abs=TOLERANCE)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-inputs", "per-model-inputs"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_linear_equals_each_models_own_layer(shared, bias):
+    """The stacked rule's logits and gradients are each model's own `F.linear` and autograd,
+    for inputs shared by the models or their own, with leading dimensions beyond the batch."""
+    from torch.func import vmap
+
+    from robustbench_mat.stacking import stacked_linear
+
+    generator = torch.Generator().manual_seed(0)
+    k, inputs, outputs = 3, 5, 4
+    weight = torch.randn(k, outputs, inputs, generator=generator, requires_grad=True)
+    offset = torch.randn(k, outputs, generator=generator, requires_grad=True) if bias else None
+    x = torch.randn(*(() if shared else (k,)), 2, 6, inputs, generator=generator)
+
+    def loss(w, b, x):
+        return torch.nn.functional.linear(x, w, b).square().sum()
+
+    in_dims = (0, 0 if bias else None, None if shared else 0)
+    with stacked_linear():
+        losses = vmap(loss, in_dims=in_dims)(weight, offset, x)
+    trained = [weight] + ([offset] if bias else [])
+    gradients = torch.autograd.grad(losses.sum(), trained)
+    for j in range(k):
+        own = [weight[j].detach().requires_grad_()]
+        if bias:
+            own.append(offset[j].detach().requires_grad_())
+        value = loss(own[0], own[1] if bias else None, x if shared else x[j])
+        torch.testing.assert_close(losses[j], value)
+        for stacked, alone in zip(gradients, torch.autograd.grad(value, own), strict=True):
+            torch.testing.assert_close(stacked[j], alone)
+
+
+def test_small_linear_steps_run_on_one_thread_and_others_on_all(tmp_path, monkeypatch):
+    """A linear head's step (alone or stacked) runs on one thread, a convolutional network's on
+    torch's count; the count is restored for evaluation and after the run."""
+    from helpers import run_tiny
+
+    threads_seen: list[int] = []
+    loss = Method.loss
+
+    def recording(self, batch):
+        threads_seen.append(torch.get_num_threads())
+        return loss(self, batch)
+
+    monkeypatch.setattr(Method, "loss", recording)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_tiny(tmp_path / "alone", "erm", device="cpu")
+        assert set(threads_seen) == {1}
+        threads_seen.clear()
+        outcomes = run_many(_specs(tmp_path / "stacked", "erm"))
+        assert not any(isinstance(o, BaseException) for o in outcomes)
+        assert set(threads_seen) == {1}
+        assert torch.get_num_threads() == 2
+        threads_seen.clear()
+        run_tiny(tmp_path / "cnn", "erm", dataset="colored-digits", data_params={}, steps=2)
+        assert set(threads_seen) == {2}
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_step_threads_follow_the_size_of_the_step():
+    from robustbench_mat.hardware import SMALL_STEP, intra_op_threads, step_threads
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert step_threads(cpu, SMALL_STEP) == 1
+        assert step_threads(cpu, SMALL_STEP + 1) == 2
+        assert step_threads(cpu, None) == 2  # not estimated: torch's count
+        assert step_threads(cuda, 10) == 2
+        with intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -11,6 +11,8 @@ from robustbench_mat import training
 from robustbench_mat.runner import RunSpec, run, run_many
 
 TOLERANCE = 1e-5
+# Or a few float32 steps of the value: a diverging run's loss of 267 is held to 3e-5 in float32.
+RELATIVE = 1e-6
 SETTINGS = {  # settings of the method's own, per stacked model (None: the defaults)
     "reweight": None,
     "sqrtreweight": None,
@@ -83,4 +85,8 @@ def test_stacked_runs_equal_runs_trained_alone(tmp_path, monkeypatch, case: str)
         mine, theirs = _history(one, alone_dir), _history(other, stacked_dir)
         for record_, twin in zip(mine, theirs, strict=True):
             for key, value in record_.items():
-                assert math.isclose(value, twin[key], abs_tol=TOLERANCE), (key, value, twin[key])
+                assert math.isclose(value, twin[key], rel_tol=RELATIVE, abs_tol=TOLERANCE), (
+                    key,
+                    value,
+                    twin[key],
+                )
