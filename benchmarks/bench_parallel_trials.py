@@ -26,7 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
+# isort: off
+import robustbench_mat  # noqa: F401 (before torch: idle threads sleep, as in `robustbench-mat tune`)
 import torch
+
+# isort: on
 
 from robustbench_mat.tuning import TuneSpec, base_plan, open_study, tune
 

@@ -8,10 +8,15 @@ The public API for plugin authors:
 """
 
 import os
+import sys
 
 # Idle OpenMP threads sleep instead of spinning: on small machines spinning threads made CPU
 # training up to 50x slower. Effective only when set before torch is first imported.
+_policy = os.environ.get("OMP_WAIT_POLICY") or ("" if "torch" in sys.modules else "PASSIVE")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Whether this process's idle OpenMP threads sleep (then waking them costs more than a small
+# operation gains: see `hardware.step_threads`).
+SLEEPING_THREADS = _policy.upper() == "PASSIVE"
 
 from typing import TYPE_CHECKING, Any  # noqa: E402
 

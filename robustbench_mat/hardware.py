@@ -28,7 +28,9 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # 2048-d linear head's SGD step at batch 250 took 0.63 against 1.07 ms, 16 stacked heads'
 # 2.0 against 3.1 ms, a full batch of 900 x 1800 0.92 against 1.35 ms; a full batch of
 # 4795 x 2048 (2e7) was even, and 1e8 multiply-adds or more ran 1.4-1.7x faster on two threads.
-# Waking sleeping OpenMP threads (OMP_WAIT_POLICY=PASSIVE) costs more than small operations gain.
+# Waking sleeping OpenMP threads (OMP_WAIT_POLICY=PASSIVE, the package's default) costs more
+# than small operations gain; where threads spin (torch imported first, with no policy set), two
+# threads ran the full batch of 900 x 1800 faster (0.8 against 1.0 ms), and the rule is off.
 SMALL_STEP = 2**25
 # cuBLAS needs this workspace setting for deterministic results (PyTorch's reproducibility notes).
 CUBLAS_WORKSPACE = ":4096:8"
@@ -127,12 +129,15 @@ def backends(device: torch.device, deterministic: bool) -> Iterator[None]:
 
 
 def step_threads(device: torch.device, multiply_adds: int | None) -> int:
-    """Intra-op threads for a training step: one for a small step on the CPU (`SMALL_STEP`),
-    otherwise torch's current count. `multiply_adds` is None where it cannot be estimated."""
+    """Intra-op threads for a training step: one for a small step on the CPU (`SMALL_STEP`)
+    where idle threads sleep, otherwise torch's current count. `multiply_adds` is None where it
+    cannot be estimated."""
+    import robustbench_mat
+
     current = torch.get_num_threads()
     if device.type != "cpu" or multiply_adds is None or multiply_adds > SMALL_STEP:
         return current
-    return 1
+    return 1 if robustbench_mat.SLEEPING_THREADS else current
 
 
 @contextlib.contextmanager

@@ -751,12 +751,14 @@ def _loop(models: list[_Model]) -> None:
     checkpoint_every = settings.checkpoint_every or settings.eval_every
     snapshot_every = settings.snapshot_every or 0
     written = time.monotonic()
+    eval_threads = step_threads(settings.device, _step_multiply_adds(models, evaluation=True))
 
     def evaluate(model: _Model, step: int, mean_loss: float | None) -> None:
         stepper.sync(model)
         model.method.eval()
         try:
-            record = model.evaluate(step, mean_loss, stepper.logits_of(model))
+            with intra_op_threads(eval_threads):
+                record = model.evaluate(step, mean_loss, stepper.logits_of(model))
         except Exception as error:  # e.g. RunPruned from on_eval: this model stops here
             model.fail(error)
             stepper.freeze(model)
@@ -813,18 +815,23 @@ def _loop(models: list[_Model]) -> None:
         bar.close()
 
 
-def _step_multiply_adds(models: Sequence[_Model]) -> int | None:
-    """Multiply-adds of one step of `models` together, estimated as batch rows x trained
-    parameters; None unless every network is made of linear layers (a convolution's work is
-    not its parameter count)."""
+def _step_multiply_adds(models: Sequence[_Model], evaluation: bool = False) -> int | None:
+    """Multiply-adds of one step of `models` together (or, with `evaluation`, of their forward
+    pass over the largest evaluated split), estimated as rows x parameters; None unless every
+    network is made of linear layers (a convolution's work is not its parameter count)."""
     from robustbench_mat.stacking import other_layer
 
     total = 0
     for model in models:
         if other_layer(model.method) is not None:
             return None
-        trained = sum(p.numel() for p in model.method.parameters() if p.requires_grad)
-        total += model.schedule.batch_size * trained
+        if evaluation:
+            rows = max(len(split) for split in model.eval_splits)
+            parameters = sum(p.numel() for p in model.method.parameters())
+        else:
+            rows = model.schedule.batch_size
+            parameters = sum(p.numel() for p in model.method.parameters() if p.requires_grad)
+        total += rows * parameters
     return total
 
 

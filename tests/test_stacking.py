@@ -315,6 +315,9 @@ def test_small_linear_steps_run_on_one_thread_and_others_on_all(tmp_path, monkey
     torch's count; the count is restored for evaluation and after the run."""
     from helpers import run_tiny
 
+    import robustbench_mat
+
+    monkeypatch.setattr(robustbench_mat, "SLEEPING_THREADS", True)
     threads_seen: list[int] = []
     loss = Method.loss
 
@@ -340,13 +343,17 @@ def test_small_linear_steps_run_on_one_thread_and_others_on_all(tmp_path, monkey
         torch.set_num_threads(previous)
 
 
-def test_step_threads_follow_the_size_of_the_step():
+def test_step_threads_follow_the_size_of_the_step(monkeypatch):
+    import robustbench_mat
     from robustbench_mat.hardware import SMALL_STEP, intra_op_threads, step_threads
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        monkeypatch.setattr(robustbench_mat, "SLEEPING_THREADS", False)  # spinning: no rule
+        assert step_threads(cpu, 10) == 2
+        monkeypatch.setattr(robustbench_mat, "SLEEPING_THREADS", True)
         assert step_threads(cpu, SMALL_STEP) == 1
         assert step_threads(cpu, SMALL_STEP + 1) == 2
         assert step_threads(cpu, None) == 2  # not estimated: torch's count
