@@ -27,6 +27,7 @@ as dead again. tests/test_tuning.py::test_optuna_heartbeat_misses_a_dead_ask_tel
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import math
@@ -429,13 +430,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _slots_taken(study: optuna.Study, before: int | None = None) -> int:
+def _slots_taken(study: optuna.Study) -> int:
     states = (*FINISHED, TrialState.RUNNING)
-    return sum(
-        1
-        for t in study.get_trials(deepcopy=False, states=states)
-        if before is None or t.number < before
-    )
+    return len(study.get_trials(deepcopy=False, states=states))
 
 
 def target_trials(spec: TuneSpec) -> int:
@@ -480,21 +477,38 @@ def worker_loop(spec: TuneSpec, worker: int = 0, log: Callable[[str], None] = pr
     target = target_trials(spec)
     while True:
         recover_dead_trials(study, spec.stale_after)
-        trials = []
-        for _ in range(spec.parallel_trials):
-            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            if _slots_taken(study) >= target and not waiting:
-                break
-            trial = ask_trial(study, space)
-            if _slots_taken(study, before=trial.number) >= target:
-                # Another worker took the last slot at the same moment: give this one up.
-                trial.set_user_attr("surplus", True)
-                study.tell(trial, state=TrialState.FAIL)
-                break
-            trials.append(trial)
+        trials = _ask_batch(study, space, spec.parallel_trials, target)
         if not trials:
             return
         _run_trials(spec, study, trials, parent, target, log)
+
+
+def _ask_batch(
+    study: optuna.Study, space: dict[str, BaseDistribution], size: int, target: int
+) -> list[optuna.Trial]:
+    """Up to `size` new trials while the study has fewer than `target` finished or running
+    ones (enqueued trials always run). The study is read three times per batch, not three
+    times per trial; a trial that another worker's trials pushed past `target` meanwhile is
+    given up (told failed, tagged `surplus`), with every later one of the batch."""
+    taken = _slots_taken(study)
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    trials = []
+    for _ in range(size):
+        if taken >= target and not waiting:
+            break
+        trials.append(ask_trial(study, space))
+        taken, waiting = taken + 1, max(0, waiting - 1)
+    if not trials:
+        return trials
+    states = (*FINISHED, TrialState.RUNNING)
+    numbers = sorted(t.number for t in study.get_trials(deepcopy=False, states=states))
+    for k, trial in enumerate(trials):
+        if bisect.bisect_left(numbers, trial.number) >= target:
+            for surplus in trials[k:]:
+                surplus.set_user_attr("surplus", True)
+                study.tell(surplus, state=TrialState.FAIL)
+            return trials[:k]
+    return trials
 
 
 def _run_trials(

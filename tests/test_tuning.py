@@ -17,6 +17,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
+from robustbench_mat import tuning
 from robustbench_mat.cli import main
 from robustbench_mat.registry import DATASETS, METHODS
 from robustbench_mat.tuning import (
@@ -373,3 +374,26 @@ def test_workers_on_a_postgresql_study(workdir: Path, workers: int, parallel: in
     ran = [t for t in study.trials if not t.user_attrs.get("surplus")]
     assert len({t.number for t in ran}) == 8
     assert len({t.user_attrs["pid"] for t in ran}) >= 2
+
+
+def test_a_batch_asks_only_for_the_free_slots_and_gives_up_those_taken_meanwhile(monkeypatch):
+    """Trials are asked while the study has free slots; a trial that other workers' trials
+    pushed past the target meanwhile is told failed (tagged surplus), the earlier ones run."""
+    space = {"x": FloatDistribution(0.0, 1.0)}
+    quiet = optuna.create_study()
+    quiet.tell(quiet.ask(), 0.5)
+    assert [t.number for t in tuning._ask_batch(quiet, space, size=5, target=3)] == [1, 2]
+
+    study = optuna.create_study()
+    study.ask()  # another worker's running trial
+    ask = tuning.ask_trial
+
+    def racing(study, space):
+        study.ask()  # another worker asks at the same moment
+        return ask(study, space)
+
+    monkeypatch.setattr(tuning, "ask_trial", racing)
+    trials = tuning._ask_batch(study, space, size=3, target=3)
+    assert [t.number for t in trials] == [2]
+    surplus = study.trials[4]
+    assert surplus.state == TrialState.FAIL and surplus.user_attrs["surplus"]
