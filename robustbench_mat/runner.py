@@ -827,7 +827,6 @@ def _record(run_: _Started, outcome: LoopResult) -> RunResult:
         tracker.log_artifact(
             run_id, run_dir / name, "checkpoints" if name.endswith(".pt") else None
         )
-    tracker.set_tags(run_id, {"robustbench.selected_step": selected["step"]})
     result = RunResult(
         run_id=run_id,
         run_key=the_plan.key,
@@ -845,7 +844,7 @@ def _record(run_: _Started, outcome: LoopResult) -> RunResult:
         code=the_plan.code.describe(),
     )
     _write_atomic(run_dir / "result.json", json.dumps(asdict(result), indent=2))
-    tracker.end(run_id, "finished")
+    tracker.end(run_id, "finished", tags={"robustbench.selected_step": selected["step"]})
     for previous in run_dir.glob(f"*{PREVIOUS_SUFFIX}"):
         previous.unlink()  # kept only while a run can still be resumed
     return result

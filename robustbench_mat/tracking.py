@@ -380,9 +380,10 @@ class Tracker:
             self.flush()
             self.end(run_id, state)
 
-    def end(self, run_id: str, state: str) -> None:
-        """End the run: finished -> FINISHED, failed -> FAILED, killed or pruned -> KILLED."""
-        self.set_tags(run_id, {TAGS.STATE: state})
+    def end(self, run_id: str, state: str, tags: Mapping[str, Any] | None = None) -> None:
+        """End the run: finished -> FINISHED, failed -> FAILED, killed or pruned -> KILLED;
+        `tags` are set with the state tag, in the same write."""
+        self.set_tags(run_id, {**(tags or {}), TAGS.STATE: state})
         status = {
             "finished": "FINISHED",
             "failed": "FAILED",
