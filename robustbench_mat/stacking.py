@@ -255,8 +255,8 @@ class stacked_linear(TorchFunctionMode):  # noqa: N801 (used as a context manage
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight, *bias = args
-            return _Linear.apply(x, weight, bias[0] if bias else kwargs.get("bias"))
+            named = {**dict(zip(("input", "weight", "bias"), args, strict=False)), **kwargs}
+            return _Linear.apply(named["input"], named["weight"], named.get("bias"))
         return func(*args, **kwargs)
 
 

@@ -292,8 +292,8 @@ def test_stacked_linear_equals_each_models_own_layer(shared, bias):
     offset = torch.randn(k, outputs, generator=generator, requires_grad=True) if bias else None
     x = torch.randn(*(() if shared else (k,)), 2, 6, inputs, generator=generator)
 
-    def loss(w, b, x):
-        return torch.nn.functional.linear(x, w, b).square().sum()
+    def loss(w, b, x):  # the bias by keyword, as some layers pass it
+        return torch.nn.functional.linear(x, w, bias=b).square().sum()
 
     in_dims = (0, 0 if bias else None, None if shared else 0)
     with stacked_linear():
