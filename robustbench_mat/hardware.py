@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import robustbench_mat
 from robustbench_mat.errors import UserError
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -132,8 +133,6 @@ def step_threads(device: torch.device, multiply_adds: int | None) -> int:
     """Intra-op threads for a training step: one for a small step on the CPU (`SMALL_STEP`)
     where idle threads sleep, otherwise torch's current count. `multiply_adds` is None where it
     cannot be estimated."""
-    import robustbench_mat
-
     current = torch.get_num_threads()
     if device.type != "cpu" or multiply_adds is None or multiply_adds > SMALL_STEP:
         return current

@@ -226,10 +226,6 @@ class _Linear(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple, x, weight, bias) -> tuple[torch.Tensor, int | None]:
         x_dim, weight_dim, bias_dim = in_dims
         if weight_dim is None:  # a weight that is not stacked: torch's own rule
-            if bias_dim is None:
-                return F.linear(x if x_dim is None else x.movedim(x_dim, 0), weight, bias), (
-                    None if x_dim is None else 0
-                )
             return vmap(F.linear, in_dims=in_dims)(x, weight, bias), 0
         weight = weight.movedim(weight_dim, 0)
         k, out = weight.shape[:2]

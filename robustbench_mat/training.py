@@ -635,6 +635,7 @@ class _Stacked:
             self.full_idx = torch.stack([s.pool for s in schedules]).to(self.device)
             self.full_x = self.x[self.full_idx]
         self._logits: dict[tuple[int, str], torch.Tensor] = {}
+        self.schedulers = [m.scheduler for m in models]
 
     def steps(self, start: int, stop: int) -> Iterator[list[float]]:
         threads = step_threads(self.device, _step_multiply_adds(self.models))
@@ -668,7 +669,7 @@ class _Stacked:
         for k, value in enumerate(values):
             if not math.isfinite(value):
                 optimizer.active[k] = 0.0
-        schedulers = [m.scheduler for m in models]
+        schedulers = self.schedulers
         scale = None
         if schedulers[0] is not None:
             scale = torch.tensor(

@@ -296,9 +296,22 @@ def test_stacked_linear_equals_each_models_own_layer(shared, bias):
         return torch.nn.functional.linear(x, w, bias=b).square().sum()
 
     in_dims = (0, 0 if bias else None, None if shared else 0)
+    first_bias = None if offset is None else offset[0]
+    first_x = (x if shared else x[0]).clone().requires_grad_()
     with stacked_linear():
         losses = vmap(loss, in_dims=in_dims)(weight, offset, x)
+        one_model = loss(weight[0], first_bias, first_x)  # outside vmap: the rule's own backward
+        if not shared:  # stacked inputs, one weight: torch's rule
+            per_input = vmap(loss, in_dims=(None, None, 0))(weight[0], first_bias, x)
     trained = [weight] + ([offset] if bias else [])
+    plain = loss(weight[0], first_bias, first_x)
+    torch.testing.assert_close(one_model, plain)
+    mine = torch.autograd.grad(one_model, [*trained, first_x])
+    for ours, torch_s in zip(mine, torch.autograd.grad(plain, [*trained, first_x]), strict=True):
+        torch.testing.assert_close(ours, torch_s)
+    if not shared:
+        each = [loss(weight[0], first_bias, xj) for xj in x]
+        torch.testing.assert_close(per_input, torch.stack(each))
     gradients = torch.autograd.grad(losses.sum(), trained)
     for j in range(k):
         own = [weight[j].detach().requires_grad_()]
@@ -310,7 +323,16 @@ def test_stacked_linear_equals_each_models_own_layer(shared, bias):
             torch.testing.assert_close(stacked[j], alone)
 
 
-def test_small_linear_steps_run_on_one_thread_and_others_on_all(tmp_path, monkeypatch):
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for the test, the previous count restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_small_linear_steps_run_on_one_thread_and_others_on_all(tmp_path, monkeypatch, two_threads):
     """A linear head's step (alone or stacked) runs on one thread, a convolutional network's on
     torch's count; the count is restored for evaluation and after the run."""
     from helpers import run_tiny
@@ -326,40 +348,30 @@ def test_small_linear_steps_run_on_one_thread_and_others_on_all(tmp_path, monkey
         return loss(self, batch)
 
     monkeypatch.setattr(Method, "loss", recording)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        run_tiny(tmp_path / "alone", "erm", device="cpu")
-        assert set(threads_seen) == {1}
-        threads_seen.clear()
-        outcomes = run_many(_specs(tmp_path / "stacked", "erm"))
-        assert not any(isinstance(o, BaseException) for o in outcomes)
-        assert set(threads_seen) == {1}
-        assert torch.get_num_threads() == 2
-        threads_seen.clear()
-        run_tiny(tmp_path / "cnn", "erm", dataset="colored-digits", data_params={}, steps=2)
-        assert set(threads_seen) == {2}
-    finally:
-        torch.set_num_threads(previous)
+    run_tiny(tmp_path / "alone", "erm", device="cpu")
+    assert set(threads_seen) == {1}
+    threads_seen.clear()
+    outcomes = run_many(_specs(tmp_path / "stacked", "erm"))
+    assert not any(isinstance(o, BaseException) for o in outcomes)
+    assert set(threads_seen) == {1}
+    assert torch.get_num_threads() == 2
+    threads_seen.clear()
+    run_tiny(tmp_path / "cnn", "erm", dataset="colored-digits", data_params={}, steps=2)
+    assert set(threads_seen) == {2}
 
 
-def test_step_threads_follow_the_size_of_the_step(monkeypatch):
+def test_step_threads_follow_the_size_of_the_step(monkeypatch, two_threads):
     import robustbench_mat
     from robustbench_mat.hardware import SMALL_STEP, intra_op_threads, step_threads
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        monkeypatch.setattr(robustbench_mat, "SLEEPING_THREADS", False)  # spinning: no rule
-        assert step_threads(cpu, 10) == 2
-        monkeypatch.setattr(robustbench_mat, "SLEEPING_THREADS", True)
-        assert step_threads(cpu, SMALL_STEP) == 1
-        assert step_threads(cpu, SMALL_STEP + 1) == 2
-        assert step_threads(cpu, None) == 2  # not estimated: torch's count
-        assert step_threads(cuda, 10) == 2
-        with intra_op_threads(1):
-            assert torch.get_num_threads() == 1
-        assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(previous)
+    monkeypatch.setattr(robustbench_mat, "SLEEPING_THREADS", False)  # spinning: no rule
+    assert step_threads(cpu, 10) == 2
+    monkeypatch.setattr(robustbench_mat, "SLEEPING_THREADS", True)
+    assert step_threads(cpu, SMALL_STEP) == 1
+    assert step_threads(cpu, SMALL_STEP + 1) == 2
+    assert step_threads(cpu, None) == 2  # not estimated: torch's count
+    assert step_threads(cuda, 10) == 2
+    with intra_op_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
