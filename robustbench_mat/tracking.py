@@ -222,10 +222,18 @@ def _insert_metrics(client: Any, run_id: str, metrics: list[Any]) -> bool:
         from mlflow.store.tracking.dbmodels.models import SqlMetric
         from mlflow.utils.validation import _validate_metric
 
-        rows, seen, latest = [], set(), {}
+        rows, seen, latest, valid_keys = [], set(), {}, set()
         for metric in metrics:
             key, step, timestamp = metric.key, metric.step, metric.timestamp
-            _validate_metric(key, metric.value, timestamp, step)
+            if not (
+                key in valid_keys
+                and type(metric.value) is float
+                and type(step) is int
+                and type(timestamp) is int
+                and timestamp >= 0
+            ):  # MLflow's check, once per key: it parses the key, the dearest part
+                _validate_metric(key, metric.value, timestamp, step)
+                valid_keys.add(key)
             is_nan, value = store.sanitize_metric_value(metric.value)
             identity = (key, value, timestamp, step, is_nan)
             if identity in seen:  # log_batch logs a repeated value once
@@ -249,7 +257,7 @@ def _insert_metrics(client: Any, run_id: str, metrics: list[Any]) -> bool:
             transaction = store.ManagedSessionMaker()
         with transaction as session:
             store._check_run_is_active(store._get_run(run_uuid=run_id, session=session))
-            session.execute(sqlalchemy.insert(SqlMetric), rows)
+            session.execute(sqlalchemy.insert(SqlMetric.__table__), rows)  # core: no ORM rows
             newest = [SqlMetric(**row) for _, row in latest.values()]
             store._update_latest_metrics_if_necessary(newest, session)
     except Exception:  # rolled back: nothing was written
