@@ -17,7 +17,7 @@ A method or network that cannot be stacked (`why_not_stackable`: the method decl
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -193,6 +193,22 @@ class ModelStack:
         for name, tensor in member.named_buffers():
             tensor.copy_(self.buffers[name][k])
         return member
+
+
+@torch.no_grad()
+def predict_states(
+    method: Method, states: Sequence[Mapping[str, torch.Tensor]], x: torch.Tensor
+) -> torch.Tensor:
+    """Logits of `method` under each of `states` (its own state dicts, e.g. kept at several
+    steps) on the same inputs, in one vectorised pass: shape (len(states), len(x), ...)."""
+    hook = MethodHook(method)
+    stacked = {f"method.{name}": torch.stack([s[name] for s in states]) for name in states[0]}
+
+    def one(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return functional_call(hook, state, ("predict", x), strict=False)
+
+    with stacked_linear():
+        return vmap(one, in_dims=(0, None))(stacked, x)
 
 
 class _Linear(torch.autograd.Function):

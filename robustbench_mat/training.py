@@ -1,8 +1,10 @@
 """THE training loop shared by every method.
 
 Step based; the method's hooks decide the loss, the sampling and what happens around a step.
-Evaluates every `eval_every` steps, checkpoints every `checkpoint_every` steps and resumes from
-the last checkpoint; uses CUDA with bf16 autocast when present and the CPU otherwise.
+Evaluates every `eval_every` steps (a small linear model's evaluations in blocks of steps, each
+block one vectorised pass: `_EvaluationBlock`), checkpoints every `checkpoint_every` steps and
+resumes from the last checkpoint; uses CUDA with bf16 autocast when present and the CPU
+otherwise.
 """
 
 from __future__ import annotations
@@ -482,9 +484,14 @@ class _Model:
         self.stopped = stop_loss is not None and value < stop_loss
 
     def evaluate(
-        self, step: int, mean_loss: float | None, logits_of: Callable[[GroupedSplit], torch.Tensor]
+        self,
+        step: int,
+        mean_loss: float | None,
+        logits_of: Callable[[GroupedSplit], torch.Tensor],
+        kept: KeptState | None = None,
     ) -> dict[str, Any]:
-        """Evaluate at `step`, keep the record and the best state; calls `on_eval`."""
+        """Evaluate at `step`, keep the record and the best state; calls `on_eval`. `kept` is
+        the method's state and logged state at `step` when it is evaluated later (blocks)."""
         settings, dataset = self.settings, self.dataset
         record: dict[str, Any] = {"step": step}
         if mean_loss is not None:
@@ -496,7 +503,7 @@ class _Model:
                 record.update(
                     inferred_group_metrics("val", logits, split.y, settings.inferred_val_groups)
                 )
-        record.update(self.method.logged_state())
+        record.update(self.method.logged_state() if kept is None else kept.logged)
         self.history.append(record)
         if settings.criterion not in record:
             measured = ", ".join(k for k in record if k.startswith("val_"))
@@ -506,7 +513,8 @@ class _Model:
             )
         previous = None if self.best is None else self.best[settings.criterion]
         if is_better(record[settings.criterion], previous, self.maximize):
-            self.best, self.best_state = record, cpu_copy(self.method.state_dict())
+            state = self.method.state_dict() if kept is None else kept.state
+            self.best, self.best_state = record, cpu_copy(state)
         if self.job.on_eval is not None:
             self.job.on_eval(record)
         return record
@@ -715,6 +723,112 @@ class _Stacked:
         return self.optimizer.export_member(self.models.index(model), model.optimizer)
 
 
+@dataclass
+class KeptState:
+    """A model's state dict (copies) and logged state at a step it is evaluated after."""
+
+    state: dict[str, torch.Tensor]
+    logged: dict[str, Any]
+
+
+EVALUATION_BLOCK = 64  # evaluations of a small linear model computed together
+EVALUATION_BLOCK_NUMBERS = 2**24  # at most this many kept state numbers per block
+
+
+class _EvaluationBlock:
+    """Evaluations of one small linear model gathered over several steps and computed together.
+
+    Evaluating an in-memory split reads all of its inputs for a product with a few weights,
+    which at every step cost small runs more than their updates. Here each evaluation keeps a
+    copy of the model's state at its step, and at a flush (the block is full, or a checkpoint,
+    a failure or the end is due) the logits of every kept state on a split come from one
+    vectorised pass (`stacking.predict_states`): one matrix product per layer for the block.
+    The evaluations are then recorded in step order, as they would have been one by one.
+
+    Each evaluation has a fixed place in the block, from its step, and the block is always
+    computed at its full width, so a step's logits do not depend on which other steps share
+    its block: a run resumed from a checkpoint evaluates exactly as an uninterrupted one."""
+
+    def __init__(self, model: _Model, size: int) -> None:
+        self.model, self.size = model, size
+        self.pending: dict[int, tuple[int, float | None, KeptState]] = {}
+        self.threads = step_threads(
+            model.settings.device, size * (_step_multiply_adds([model], evaluation=True) or 0)
+        )
+
+    @staticmethod
+    def size_for(models: Sequence[_Model]) -> int:
+        """The block size for a loop over `models`: 0 (evaluate at once) unless one small
+        linear model whose checkpoints, which need its evaluations, are rarer than them."""
+        from robustbench_mat.stacking import why_not_stackable
+
+        if len(models) != 1:  # a stack's evaluations are already one product
+            return 0
+        model = models[0]
+        settings = model.settings
+        if (
+            why_not_stackable(model.method) is not None
+            or settings.acceleration.compile
+            or settings.acceleration.precision == "fp16"
+            or not all(s.in_memory and len(s) == len(s.inputs) for s in model.eval_splits)
+        ):
+            return 0
+        state = model.method.state_dict()
+        if not all(torch.is_tensor(value) for value in state.values()):
+            return 0
+        numbers = sum(value.numel() for value in state.values())
+        size = min(
+            EVALUATION_BLOCK,
+            EVALUATION_BLOCK_NUMBERS // max(1, numbers),
+            settings.steps // settings.eval_every + 1,  # no wider than the run's evaluations
+        )
+        if settings.checkpoint_seconds <= 0:
+            every = settings.checkpoint_every or settings.eval_every
+            size = min(size, every // settings.eval_every)
+        return size if size > 1 else 0
+
+    def add(self, step: int, mean_loss: float | None, record: Callable[..., None]) -> None:
+        """Keep the evaluation of `step` (flushing first when its place is taken)."""
+        slot = step // self.model.settings.eval_every % self.size
+        if slot in self.pending:
+            self.flush(record)
+        method = self.model.method
+        state = {name: value.detach().clone() for name, value in method.state_dict().items()}
+        self.pending[slot] = (step, mean_loss, KeptState(state, method.logged_state()))
+
+    def flush(self, record: Callable[..., None]) -> None:
+        """Compute the pending evaluations and hand each to `record(step, mean_loss,
+        logits_of, kept)` in step order, until the model stops (e.g. pruned)."""
+        from robustbench_mat.stacking import predict_states
+
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        model = self.model
+        filler = next(iter(pending.values()))[2].state
+        states = [pending[k][2].state if k in pending else filler for k in range(self.size)]
+        size, device, logits = model.dataset.eval_batch_size, model.settings.device, {}
+        model.method.eval()
+        try:
+            with intra_op_threads(self.threads), _autocast(model.settings):
+                for split in model.eval_splits:
+                    chunks = [
+                        predict_states(model.method, states, split.inputs[i : i + size].to(device))
+                        for i in range(0, len(split), size)
+                    ]
+                    logits[split.name] = torch.cat(chunks, dim=1).float().cpu()
+        finally:
+            model.method.train()
+        for slot, (step, mean_loss, kept) in sorted(pending.items(), key=lambda p: p[1][0]):
+            if model.error is not None:
+                return
+
+            def logits_of(split: GroupedSplit, slot: int = slot) -> torch.Tensor:
+                return logits[split.name][slot]
+
+            record(model, step, mean_loss, logits_of, kept)
+
+
 class _NotVectorisable(Exception):
     """A stack's hooks failed under `vmap` at its first step."""
 
@@ -753,23 +867,43 @@ def _loop(models: list[_Model]) -> None:
     snapshot_every = settings.snapshot_every or 0
     written = time.monotonic()
     eval_threads = step_threads(settings.device, _step_multiply_adds(models, evaluation=True))
+    block_size = _EvaluationBlock.size_for(models)
+    block = _EvaluationBlock(first, block_size) if block_size else None
 
-    def evaluate(model: _Model, step: int, mean_loss: float | None) -> None:
-        stepper.sync(model)
+    def record(
+        model: _Model,
+        step: int,
+        mean_loss: float | None,
+        logits_of: Callable[[GroupedSplit], torch.Tensor],
+        kept: KeptState | None = None,
+    ) -> None:
         model.method.eval()
         try:
             with intra_op_threads(eval_threads):
-                record = model.evaluate(step, mean_loss, stepper.logits_of(model))
+                result = model.evaluate(step, mean_loss, logits_of, kept)
         except Exception as error:  # e.g. RunPruned from on_eval: this model stops here
             model.fail(error)
             stepper.freeze(model)
             return
         finally:
             model.method.train()
-        postfix = {"loss": f"{record['train_loss']:.4g}"} if mean_loss is not None else {}
+        postfix = {"loss": f"{result['train_loss']:.4g}"} if mean_loss is not None else {}
         shown = dict.fromkeys(("val_wga", settings.criterion))
-        postfix.update({k: f"{record[k]:.3f}" for k in shown if k in record})
+        postfix.update({k: f"{result[k]:.3f}" for k in shown if k in result})
         bar.set_postfix(postfix, refresh=False)
+
+    def evaluate(model: _Model, step: int, mean_loss: float | None) -> None:
+        if block is not None:
+            block.add(step, mean_loss, record)
+            return
+        stepper.sync(model)
+        record(model, step, mean_loss, stepper.logits_of(model))
+
+    def settle() -> None:
+        """Record the evaluations kept in the block: before a checkpoint, which saves them,
+        and before a model stops."""
+        if block is not None:
+            block.flush(record)
 
     for model in models:
         model.method.train()
@@ -777,6 +911,7 @@ def _loop(models: list[_Model]) -> None:
         if settings.steps == 0 and first.best is None:  # a main loop that trains nothing (DFR)
             for model in models:
                 evaluate(model, 0, None)
+                settle()
                 if model.error is None:
                     model.checkpoint(0, stepper.optimizer_state(model))
         stop = first.start if first.stopped else settings.steps
@@ -791,6 +926,8 @@ def _loop(models: list[_Model]) -> None:
             for model, value in zip(models, values, strict=True):
                 if not model.training:
                     continue
+                if not math.isfinite(value):  # the evaluations before it are recorded
+                    settle()
                 model.add_loss(step, value)
                 if model.error is not None:
                     stepper.freeze(model)
@@ -802,6 +939,8 @@ def _loop(models: list[_Model]) -> None:
                 if model.error is None and due:
                     stepper.sync(model)
                     model.snapshot(step)
+                if scheduled or last or model.stopped:
+                    settle()
                 if model.error is None and (scheduled or last or model.stopped):
                     stepper.sync(model)
                     model.checkpoint(step, stepper.optimizer_state(model))
