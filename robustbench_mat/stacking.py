@@ -4,11 +4,12 @@ The models' parameters and buffers are stacked along a new first dimension; the 
 `loss` and `predict` hooks, written for one model, run once under `torch.func.vmap` over the
 stack, autograd differentiates the sum of the K losses (each model's gradient, as its parameters
 reach no other loss), and one optimiser update with each model's learning rate, weight decay and
-momentum moves all of them. Linear layers run as one matrix product for all K models
-(`stacked_linear`). The shared loop (`training.train_jobs`) uses it to train models that differ
-only in numbers: the loop's `lr`, `weight_decay` and `momentum`, the seed (initial weights and data
-order), and the method settings it lists in `Method.stack_varying`, which reach the hooks as
-0-d tensors. Every other setting is shared within a stack (`stack_key`).
+momentum moves all of them. Linear layers run as one matrix product for all K models, and the
+cross-entropy in a layout that torch computes fast (`stacked_ops`). The shared loop
+(`training.train_jobs`) uses it to train models that differ only in numbers: the loop's `lr`,
+`weight_decay` and `momentum`, the seed (initial weights and data order), and the method settings
+it lists in `Method.stack_varying`, which reach the hooks as 0-d tensors. Every other setting is
+shared within a stack (`stack_key`).
 
 A method or network that cannot be stacked (`why_not_stackable`: the method declares
 `stackable = False`, brings its own optimiser or per-step hook, holds a layer outside
@@ -165,7 +166,7 @@ class ModelStack:
 
         data_dim = 0 if per_member else None
         in_dims = (0, 0, data_dim, data_dim, data_dim, None if a is None else data_dim)
-        with stacked_linear():
+        with stacked_ops():
             losses = vmap(one, in_dims=in_dims)(
                 {**trained, **frozen, **self.buffers}, self.varying_hp, indices, x, y, a
             )
@@ -181,7 +182,7 @@ class ModelStack:
         def one(params, buffers, hp, x):
             return self._call({**params, **buffers}, hp, "predict", x)
 
-        with stacked_linear():
+        with stacked_ops():
             return vmap(one, in_dims=(0, 0, 0, None))(self.params, self.buffers, self.varying_hp, x)
 
     @torch.no_grad()
@@ -207,7 +208,7 @@ def predict_states(
     def one(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(hook, state, ("predict", x), strict=False)
 
-    with stacked_linear():
+    with stacked_ops():
         return vmap(one, in_dims=(0, None))(stacked, x)
 
 
@@ -261,14 +262,97 @@ class _Linear(torch.autograd.Function):
         return product.reshape(*x.shape[:-1], out), 0
 
 
-class stacked_linear(TorchFunctionMode):  # noqa: N801 (used as a context manager)
-    """Within it, `F.linear` (every `nn.Linear`) runs through `_Linear`'s stacked rule."""
+IGNORED_CLASS = -100  # F.cross_entropy's default ignore_index
+_CROSS_ENTROPY_ARGS = (
+    "input",
+    "target",
+    "weight",
+    "size_average",
+    "ignore_index",
+    "reduce",
+    "reduction",
+    "label_smoothing",
+)
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """`F.cross_entropy` of (N, C) logits and class indices, with a vmap rule that lays the
+    stacked logits out as (K, C, N): torch's softmax over a last dimension as short as two
+    classes runs element by element, and took about 0.8 ms for 32 models' 1000 × 2 logits,
+    against about 0.2 ms over the middle dimension. Same reductions and ignored index."""
+
+    @staticmethod
+    def forward(logits: torch.Tensor, target: torch.Tensor, reduction: str) -> torch.Tensor:
+        return F.cross_entropy(logits, target, reduction=reduction)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        logits, target, ctx.reduction = inputs
+        ctx.save_for_backward(logits, target)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        logits, target = ctx.saved_tensors
+        kept = target != IGNORED_CLASS
+        hot = F.one_hot(target.clamp(min=0), logits.shape[-1]).to(logits.dtype)
+        per_example = (logits.softmax(-1) - hot) * kept.unsqueeze(-1)
+        if ctx.reduction == "none":
+            scale = grad.unsqueeze(-1)
+        elif ctx.reduction == "sum":
+            scale = grad
+        else:
+            scale = grad / kept.sum()
+        return per_example * scale, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, logits, target, reduction) -> tuple[torch.Tensor, int]:
+        logits_dim, target_dim, _ = in_dims
+        if logits_dim is None:  # one model's logits, stacked targets: torch's own rule
+            rule = vmap(lambda t: F.cross_entropy(logits, t, reduction=reduction))
+            return rule(target.movedim(target_dim, 0)), 0
+        logits = logits.movedim(logits_dim, 0)
+        k = logits.shape[0]
+        if target_dim is None:
+            target = target.expand(k, *target.shape)
+        else:
+            target = target.movedim(target_dim, 0)
+        losses = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        if reduction == "none":
+            return losses, 0
+        if reduction == "sum":
+            return losses.sum(1), 0
+        return losses.sum(1) / (target != IGNORED_CLASS).sum(1), 0
+
+
+def _plain_cross_entropy(named: dict[str, Any]) -> bool:
+    """Class-index targets for (N, C) logits with torch's defaults but for `reduction`: the
+    calls `_CrossEntropy` takes."""
+    return (
+        named["input"].dim() == 2
+        and not named["target"].is_floating_point()
+        and named.get("weight") is None
+        and named.get("size_average") is None
+        and named.get("reduce") is None
+        and named.get("ignore_index", IGNORED_CLASS) == IGNORED_CLASS
+        and named.get("label_smoothing", 0.0) == 0.0
+        and named.get("reduction", "mean") in ("mean", "sum", "none")
+    )
+
+
+class stacked_ops(TorchFunctionMode):  # noqa: N801 (used as a context manager)
+    """Within it, `F.linear` (every `nn.Linear`) runs through `_Linear`'s stacked rule, and a
+    plain `F.cross_entropy` through `_CrossEntropy`'s."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             named = {**dict(zip(("input", "weight", "bias"), args, strict=False)), **kwargs}
             return _Linear.apply(named["input"], named["weight"], named.get("bias"))
+        if func is F.cross_entropy:
+            named = {**dict(zip(_CROSS_ENTROPY_ARGS, args, strict=False)), **kwargs}
+            if _plain_cross_entropy(named):
+                reduction = named.get("reduction", "mean")
+                return _CrossEntropy.apply(named["input"], named["target"], reduction)
         return func(*args, **kwargs)
 
 

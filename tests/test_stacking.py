@@ -284,7 +284,7 @@ def test_stacked_linear_equals_each_models_own_layer(shared, bias):
     for inputs shared by the models or their own, with leading dimensions beyond the batch."""
     from torch.func import vmap
 
-    from robustbench_mat.stacking import stacked_linear
+    from robustbench_mat.stacking import stacked_ops
 
     generator = torch.Generator().manual_seed(0)
     k, inputs, outputs = 3, 5, 4
@@ -298,7 +298,7 @@ def test_stacked_linear_equals_each_models_own_layer(shared, bias):
     in_dims = (0, 0 if bias else None, None if shared else 0)
     first_bias = None if offset is None else offset[0]
     first_x = (x if shared else x[0]).clone().requires_grad_()
-    with stacked_linear():
+    with stacked_ops():
         losses = vmap(loss, in_dims=in_dims)(weight, offset, x)
         one_model = loss(weight[0], first_bias, first_x)  # outside vmap: the rule's own backward
         if not shared:  # stacked inputs, one weight: torch's rule
@@ -321,6 +321,72 @@ def test_stacked_linear_equals_each_models_own_layer(shared, bias):
         torch.testing.assert_close(losses[j], value)
         for stacked, alone in zip(gradients, torch.autograd.grad(value, own), strict=True):
             torch.testing.assert_close(stacked[j], alone)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-targets", "per-model-targets"])
+def test_stacked_cross_entropy_equals_each_models_own(reduction, shared):
+    """The stacked rule's losses and gradients are each model's own `F.cross_entropy` and
+    autograd, ignored targets (-100) included; outside vmap its own backward is torch's."""
+    from torch.func import vmap
+
+    from robustbench_mat.stacking import stacked_ops
+
+    cross_entropy = torch.nn.functional.cross_entropy
+    generator = torch.Generator().manual_seed(0)
+    k, n, classes = 3, 7, 4
+    logits = torch.randn(k, n, classes, generator=generator, requires_grad=True)
+    target = torch.randint(classes, (*(() if shared else (k,)), n), generator=generator)
+    target[..., 2] = -100
+
+    def loss(z, t):
+        return cross_entropy(z, t, reduction=reduction)
+
+    with stacked_ops():
+        stacked = vmap(loss, in_dims=(0, None if shared else 0))(logits, target)
+        first = logits[0].detach().requires_grad_()
+        own_rule = loss(first, target if shared else target[0])
+    weights = torch.randn(stacked.shape, generator=generator)  # distinct per value
+    (gradient,) = torch.autograd.grad((stacked * weights).sum(), logits)
+    for j in range(k):
+        z = logits[j].detach().requires_grad_()
+        value = loss(z, target if shared else target[j])
+        torch.testing.assert_close(stacked[j], value)
+        (alone,) = torch.autograd.grad((value * weights[j]).sum(), z)
+        torch.testing.assert_close(gradient[j], alone)
+    plain = first.detach().requires_grad_()
+    expected = loss(plain, target if shared else target[0])
+    torch.testing.assert_close(own_rule, expected)
+    outer = torch.randn(expected.shape, generator=generator)
+    (mine,) = torch.autograd.grad((own_rule * outer).sum(), first)
+    (torch_s,) = torch.autograd.grad((expected * outer).sum(), plain)
+    torch.testing.assert_close(mine, torch_s)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"label_smoothing": 0.1}, {"weight": torch.tensor([1.0, 2.0, 0.5])}, {"ignore_index": 1}],
+    ids=["label-smoothing", "class-weights", "other-ignored-index"],
+)
+def test_other_cross_entropies_keep_torchs_rule(options, monkeypatch):
+    from torch.func import vmap
+
+    from robustbench_mat import stacking
+
+    monkeypatch.setattr(stacking._CrossEntropy, "apply", lambda *a: pytest.fail("taken"))
+    logits = torch.randn(2, 5, 3)
+    target = torch.tensor([0, 1, 2, 1, 0])
+    soft = torch.softmax(torch.randn(5, 3), 1)
+
+    def loss(z, t):
+        return torch.nn.functional.cross_entropy(z, t, **options)
+
+    with stacking.stacked_ops():
+        stacked = vmap(loss, in_dims=(0, None))(logits, target)
+        probabilities = vmap(torch.nn.functional.cross_entropy, in_dims=(0, None))(logits, soft)
+    torch.testing.assert_close(stacked, torch.stack([loss(z, target) for z in logits]))
+    each = [torch.nn.functional.cross_entropy(z, soft) for z in logits]
+    torch.testing.assert_close(probabilities, torch.stack(each))
 
 
 @pytest.fixture
