@@ -56,6 +56,8 @@ def why_not_stackable(method: Method) -> str | None:
     odd = other_layer(method)
     if odd is not None:
         return f"its network holds a {type(odd).__name__}"
+    if _parameter_shared_by_modules(method):
+        return "two of its modules share a parameter"
     if not method.train_split().in_memory:
         return f"{method.dataset.name}'s inputs are read from disk"
     return None
@@ -104,6 +106,24 @@ class MethodHook(nn.Module):
     def forward(self, hook: str, *args: Any) -> torch.Tensor:
         return getattr(self.method, hook)(*args)
 
+    def call_with(self, state: dict[str, torch.Tensor], hook: str, *args: Any) -> torch.Tensor:
+        """The method's `hook` on `state` (names as in `named_parameters`/`named_buffers`,
+        prefixed "method."). A module the method holds under two attributes (CRT's `head` is
+        its `model`) is set once, through its first name: torch's weight tying would set it
+        twice and, restoring it, leave the stacked tensor in the module."""
+        return functional_call(self, state, (hook, *args), strict=False, tie_weights=False)
+
+
+def _parameter_shared_by_modules(method: Method) -> bool:
+    """Whether two different modules of `method` hold one parameter (weight tying), which
+    `MethodHook.call_with` would set in the first only."""
+    owners: dict[int, int] = {}
+    for module in method.modules():
+        for _, parameter in module.named_parameters(recurse=False):
+            if owners.setdefault(id(parameter), id(module)) != id(module):
+                return True
+    return False
+
 
 class ModelStack:
     """The stacked state of K models of one method, with their hooks vectorised over it.
@@ -142,7 +162,7 @@ class ModelStack:
         base.hp = {**self.shared_hp, **hp}
         try:
             prefixed = {f"method.{name}": tensor for name, tensor in state.items()}
-            return functional_call(self._hook, prefixed, (hook, *args), strict=False)
+            return self._hook.call_with(prefixed, hook, *args)
         finally:
             base.hp = original
 
@@ -201,12 +221,18 @@ def predict_states(
     method: Method, states: Sequence[Mapping[str, torch.Tensor]], x: torch.Tensor
 ) -> torch.Tensor:
     """Logits of `method` under each of `states` (its own state dicts, e.g. kept at several
-    steps) on the same inputs, in one vectorised pass: shape (len(states), len(x), ...)."""
+    steps) on the same inputs, in one vectorised pass: shape (len(states), len(x), ...). As in
+    `ModelStack`, a tensor held under several names is set under its first."""
     hook = MethodHook(method)
-    stacked = {f"method.{name}": torch.stack([s[name] for s in states]) for name in states[0]}
+    names = [name for name, _ in (*method.named_parameters(), *method.named_buffers())]
+    stacked = {
+        f"method.{name}": torch.stack([s[name] for s in states])
+        for name in names
+        if name in states[0]
+    }
 
     def one(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(hook, state, ("predict", x), strict=False)
+        return hook.call_with(state, "predict", x)
 
     with stacked_ops():
         return vmap(one, in_dims=(0, None))(stacked, x)

@@ -190,9 +190,14 @@ class LoopResult:
 
 
 def cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
-    """A CPU copy of a state dict. A tensor reachable under several names (a module shared by
-    two attributes, as AFR's and DFR's feature views) is copied once and stays shared, so it is
-    also saved once."""
+    """A CPU copy of a state dict (`state_copy`)."""
+    return state_copy(state, torch.device("cpu"))
+
+
+def state_copy(state: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A copy of a state dict on `device`. A tensor reachable under several names (a module
+    shared by two attributes, as AFR's and DFR's feature views) is copied once and stays
+    shared, so it is also saved once."""
     copies: dict[tuple[Any, ...], torch.Tensor] = {}
     copied: dict[str, Any] = {}
     for name, value in state.items():
@@ -208,7 +213,7 @@ def cpu_copy(state: dict[str, Any]) -> dict[str, Any]:
             value.dtype,
         )
         if key not in copies:
-            copies[key] = value.detach().to("cpu", copy=True)
+            copies[key] = value.detach().to(device, copy=True)
         copied[name] = copies[key]
     return copied
 
@@ -793,7 +798,7 @@ class _EvaluationBlock:
         if slot in self.pending:
             self.flush(record)
         method = self.model.method
-        state = {name: value.detach().clone() for name, value in method.state_dict().items()}
+        state = state_copy(method.state_dict(), self.model.settings.device)
         self.pending[slot] = (step, mean_loss, KeptState(state, method.logged_state()))
 
     def flush(self, record: Callable[..., None]) -> None:

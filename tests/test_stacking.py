@@ -26,6 +26,7 @@ METHOD_SETTINGS = {  # a setting of the method's own that differs between the st
     "subg": None,
     "suby": None,
     "rwy": None,
+    "crt": None,  # holds its model under two attributes (`head` is `model`)
 }
 
 
@@ -101,6 +102,16 @@ def _train_both(tmp_path, method: str, **loop):
 def test_stacked_runs_equal_runs_trained_alone(tmp_path, method):
     alone, stacked = _train_both(tmp_path, method)
     _assert_same(alone, stacked)
+
+
+def test_a_parameter_shared_by_two_modules_is_not_stacked():
+    """Weight tying across modules: the stack would set the parameter in one of them only."""
+    dataset = DATASETS.get("synthetic")(n=20, dim=4)
+    method = METHODS.get("erm")(dataset, _defaults("erm", dataset))
+    assert why_not_stackable(method) is None
+    method.twin = torch.nn.Linear(4, 2, bias=False)
+    method.twin.weight = method.model.weight
+    assert why_not_stackable(method) == "two of its modules share a parameter"
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])
