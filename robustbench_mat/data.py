@@ -186,6 +186,18 @@ class BenchmarkDataset:
 
         return split_metrics(split, outputs, self.class_names, train_weights)
 
+    def metrics_many(
+        self, split: GroupedSplit, outputs: torch.Tensor, train_weights: torch.Tensor | None
+    ) -> list[dict[str, float]]:
+        """`metrics` of several models' outputs on one split (shape (M, N, ...)): a stack's
+        models, or one model's states in an evaluation block. The built-in metrics take them
+        all at once; a dataset with its own `metrics` is asked once per model."""
+        if type(self).metrics is not BenchmarkDataset.metrics:
+            return [self.metrics(split, one, train_weights) for one in outputs]
+        from robustbench_mat.evaluation import split_metrics_many
+
+        return split_metrics_many(split, outputs, self.class_names, train_weights)
+
     def eval_groups(self, split: str, y: torch.Tensor, a: torch.Tensor) -> EvalGroups:
         return EvalGroups.from_ids(y * self.n_attributes + a, tuple(self.group_names()))
 

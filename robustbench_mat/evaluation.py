@@ -83,17 +83,30 @@ def split_metrics(
     if group_weights is not None:
         weights, total = layout.masked_weights(group_weights)
         parts.append(((weights * accuracy[: layout.n_groups]).sum() / total).reshape(1))
-    values = torch.cat(parts).tolist()
-    metrics = {
-        layout.avg_key: values[layout.n_groups + layout.n_classes],
-        layout.wga_key: min(values[k] for k in layout.present_groups),
-        layout.worst_class_key: min(values[k] for k in layout.present_classes),
-    }
+    return layout.metrics(torch.cat(parts).tolist(), group_weights is not None)
+
+
+def split_metrics_many(
+    split: GroupedSplit,
+    logits: torch.Tensor,
+    class_names: Sequence[str],
+    group_weights: torch.Tensor | None = None,
+) -> list[dict[str, float]]:
+    """`split_metrics` of several models' logits on one split (shape (M, N, C)), the same
+    numbers bit for bit, in a few tensor operations for all of them: the models of a stack,
+    or one model's states at the steps of an evaluation block."""
+    layout = _layout(split, class_names)
+    if layout is None or len(logits) == 0:
+        return [split_metrics(split, one, class_names, group_weights) for one in logits]
+    hits = (logits.argmax(2) == split.y).double()
+    accuracy = layout.accuracy_many(hits)
+    parts = [accuracy, hits.mean(1, keepdim=True)]
     if group_weights is not None:
-        metrics[layout.weighted_key] = values[-1]
-    for key, k in layout.per_group_keys:
-        metrics[key] = values[k]
-    return metrics
+        weights, total = layout.masked_weights(group_weights)
+        weighted = (weights * accuracy[:, : layout.n_groups]).sum(1, keepdim=True)
+        parts.append(weighted / total)
+    rows = torch.cat(parts, 1).tolist()
+    return [layout.metrics(values, group_weights is not None) for values in rows]
 
 
 def _reference_split_metrics(
@@ -267,6 +280,33 @@ class _SplitLayout:
                 ]
             )
         return correct / self.denominators
+
+    def accuracy_many(self, hits: torch.Tensor) -> torch.Tensor:
+        """`accuracy` of several models' hits (shape (M, N)): shape (M, groups + classes)."""
+        bins = self.n_groups + self.n_classes
+        if self.codes is None:
+            return torch.stack([self.accuracy(row) for row in hits])
+        offsets = torch.arange(len(hits))[:, None] * (bins + 1)
+        correct = torch.bincount(
+            (self.codes + offsets).flatten(),
+            weights=hits.repeat(1, 2).flatten(),
+            minlength=len(hits) * (bins + 1),
+        )
+        return correct.view(len(hits), bins + 1)[:, :bins] / self.denominators
+
+    def metrics(self, values: list[float], weighted: bool) -> dict[str, float]:
+        """The metric dict from one model's values: the groups' and classes' accuracies, the
+        accuracy, then (`weighted`) the train-weighted accuracy."""
+        metrics = {
+            self.avg_key: values[self.n_groups + self.n_classes],
+            self.wga_key: min(values[k] for k in self.present_groups),
+            self.worst_class_key: min(values[k] for k in self.present_classes),
+        }
+        if weighted:
+            metrics[self.weighted_key] = values[-1]
+        for key, k in self.per_group_keys:
+            metrics[key] = values[k]
+        return metrics
 
     def masked_weights(self, group_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The training weights of the groups present here, and their sum."""

@@ -494,16 +494,21 @@ class _Model:
         mean_loss: float | None,
         logits_of: Callable[[GroupedSplit], torch.Tensor],
         kept: KeptState | None = None,
+        metrics_of: Callable[[GroupedSplit], dict[str, float]] | None = None,
     ) -> dict[str, Any]:
         """Evaluate at `step`, keep the record and the best state; calls `on_eval`. `kept` is
-        the method's state and logged state at `step` when it is evaluated later (blocks)."""
+        the method's state and logged state at `step` when it is evaluated later (blocks);
+        `metrics_of` gives each split's metrics where they were computed with other models'."""
         settings, dataset = self.settings, self.dataset
         record: dict[str, Any] = {"step": step}
         if mean_loss is not None:
             record["train_loss"] = mean_loss
         for split in self.eval_splits:
             logits = logits_of(split)
-            record.update(dataset.metrics(split, logits, self.weights))
+            if metrics_of is None:
+                record.update(dataset.metrics(split, logits, self.weights))
+            else:
+                record.update(metrics_of(split))
             if split.name == "val" and settings.inferred_val_groups is not None:
                 record.update(
                     inferred_group_metrics("val", logits, split.y, settings.inferred_val_groups)
@@ -613,6 +618,9 @@ class _Alone:
 
         return logits
 
+    def metrics_of(self, model: _Model) -> None:
+        """None: `_Model.evaluate` computes the metrics from the logits."""
+
     def sync(self, model: _Model) -> None:
         """Nothing to do: the model trains in its own module."""
 
@@ -648,6 +656,8 @@ class _Stacked:
             self.full_idx = torch.stack([s.pool for s in schedules]).to(self.device)
             self.full_x = self.x[self.full_idx]
         self._logits: dict[tuple[int, str], torch.Tensor] = {}
+        self._every: dict[str, torch.Tensor] = {}  # every model's logits on a split
+        self._metrics: dict[tuple[int, str], dict[str, float]] = {}
         self.schedulers = [m.scheduler for m in models]
 
     def steps(self, start: int, stop: int) -> Iterator[list[float]]:
@@ -656,6 +666,8 @@ class _Stacked:
             with intra_op_threads(threads):
                 values = self._step(step, first_step=step == start + 1)
             self._logits.clear()
+            self._every.clear()
+            self._metrics.clear()
             yield values
 
     def _step(self, step: int, first_step: bool) -> list[float]:
@@ -712,11 +724,28 @@ class _Stacked:
                         for i in range(0, len(split), size)
                     ]
                 every = torch.cat(chunks, dim=1).float().cpu()
+                self._every[split.name] = every
                 for j in range(len(self.models)):
                     self._logits[(j, split.name)] = every[j]
             return self._logits[(k, split.name)]
 
         return logits
+
+    def metrics_of(self, model: _Model) -> Callable[[GroupedSplit], dict[str, float]]:
+        """Metrics of `model` on a split, computed for every model of the stack at once."""
+        k = self.models.index(model)
+        logits = self.logits_of(model)
+
+        def metrics(split: GroupedSplit) -> dict[str, float]:
+            if (k, split.name) not in self._metrics:
+                logits(split)
+                every = self._every[split.name]
+                computed = model.dataset.metrics_many(split, every, model.weights)
+                for j, one in enumerate(computed):
+                    self._metrics[(j, split.name)] = one
+            return self._metrics[(k, split.name)]
+
+        return metrics
 
     def sync(self, model: _Model) -> None:
         self.stack.unstack(self.models.index(model))
@@ -824,6 +853,10 @@ class _EvaluationBlock:
                     logits[split.name] = torch.cat(chunks, dim=1).float().cpu()
         finally:
             model.method.train()
+        slots, metrics = sorted(pending), {}
+        for split in model.eval_splits:
+            many = model.dataset.metrics_many(split, logits[split.name][slots], model.weights)
+            metrics[split.name] = dict(zip(slots, many, strict=True))
         for slot, (step, mean_loss, kept) in sorted(pending.items(), key=lambda p: p[1][0]):
             if model.error is not None:
                 return
@@ -831,7 +864,10 @@ class _EvaluationBlock:
             def logits_of(split: GroupedSplit, slot: int = slot) -> torch.Tensor:
                 return logits[split.name][slot]
 
-            record(model, step, mean_loss, logits_of, kept)
+            def metrics_of(split: GroupedSplit, slot: int = slot) -> dict[str, float]:
+                return metrics[split.name][slot]
+
+            record(model, step, mean_loss, logits_of, kept, metrics_of)
 
 
 class _NotVectorisable(Exception):
@@ -881,11 +917,12 @@ def _loop(models: list[_Model]) -> None:
         mean_loss: float | None,
         logits_of: Callable[[GroupedSplit], torch.Tensor],
         kept: KeptState | None = None,
+        metrics_of: Callable[[GroupedSplit], dict[str, float]] | None = None,
     ) -> None:
         model.method.eval()
         try:
             with intra_op_threads(eval_threads):
-                result = model.evaluate(step, mean_loss, logits_of, kept)
+                result = model.evaluate(step, mean_loss, logits_of, kept, metrics_of)
         except Exception as error:  # e.g. RunPruned from on_eval: this model stops here
             model.fail(error)
             stepper.freeze(model)
@@ -902,7 +939,7 @@ def _loop(models: list[_Model]) -> None:
             block.add(step, mean_loss, record)
             return
         stepper.sync(model)
-        record(model, step, mean_loss, stepper.logits_of(model))
+        record(model, step, mean_loss, stepper.logits_of(model), None, stepper.metrics_of(model))
 
     def settle() -> None:
         """Record the evaluations kept in the block: before a checkpoint, which saves them,

@@ -19,6 +19,7 @@ from robustbench_mat.evaluation import (
     predict,
     select,
     split_metrics,
+    split_metrics_many,
     train_group_weights,
 )
 from robustbench_mat.regimes import (
@@ -203,6 +204,27 @@ def test_fast_metrics_equal_the_direct_computation_bit_for_bit(kind):
                     inferred_group_metrics, "val", logits, split.y, split.eval_groups
                 )
                 assert inferred == _outcome(_direct_inferred, logits, split)
+
+
+@pytest.mark.parametrize("kind", ["one group each", "some in none", "overlapping"])
+def test_many_models_metrics_equal_each_models_bit_for_bit(kind):
+    """`split_metrics_many` (a stack's models, an evaluation block's steps) gives each model's
+    `split_metrics`, to the last bit and in the same key order."""
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(100):
+        split, classes = _random_split(generator, kind)
+        n_groups = split.eval_groups.membership.shape[1]
+        weights = torch.rand(n_groups, generator=generator, dtype=torch.float64)
+        models = int(torch.randint(1, 6, (1,), generator=generator))
+        logits = torch.randn(models, len(split.y), len(classes), generator=generator)
+        for group_weights in (None, weights / weights.sum()):
+            many = _outcome(split_metrics_many, split, logits, classes, group_weights)
+            each = [_outcome(split_metrics, split, one, classes, group_weights) for one in logits]
+            if isinstance(many, type):  # an error: the same one each model raises
+                assert all(e is many for e in each)
+                continue
+            assert many == each
+            assert [list(m) for m in many] == [list(e) for e in each]
 
 
 def test_metrics_follow_labels_changed_in_place_and_reject_empty_splits():
