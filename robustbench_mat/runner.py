@@ -61,6 +61,8 @@ from robustbench_mat.training import (
 )
 
 DEFAULT_INFERRER = "xrm-infer"
+# Datasets shared by the runs of a `dataset_pool` block, by `_dataset_key`; None outside one.
+_POOL: dict[tuple[Any, ...], BenchmarkDataset] | None = None
 
 
 @dataclass
@@ -367,6 +369,8 @@ def plan(spec: RunSpec) -> RunPlan:
     dataset_cls = DATASETS.get(spec.dataset)
     protocol = get_protocol(spec.protocol, dataset_cls)
     dataset = dataset_cls(spec.data_dir, **{**protocol.data, **spec.data_params})
+    if _POOL is not None:
+        dataset = _POOL.setdefault(_dataset_key(dataset), dataset)
     regime = (
         get_regime(spec.regime) if spec.regime else default_regime(method_cls.needs_train_groups)
     )
@@ -495,13 +499,31 @@ def run_many(specs: list[RunSpec]) -> list[RunResult | Exception]:
     return [outcomes[index] for index in range(len(specs))]
 
 
+def _dataset_key(dataset: BenchmarkDataset) -> tuple[Any, ...]:
+    """Datasets with equal keys hold the same data: same class, parameters and folder."""
+    return (type(dataset), dataset.fingerprint(), str(getattr(dataset, "data_dir", None)))
+
+
 def _share_datasets(plans: dict[int, RunPlan]) -> None:
     """Let plans of the same data hold one dataset object: loaded once, and stackable."""
     shared: dict[tuple[Any, ...], BenchmarkDataset] = {}
     for index, the_plan in plans.items():
-        dataset = the_plan.dataset
-        key = (type(dataset), dataset.fingerprint(), str(getattr(dataset, "data_dir", None)))
-        plans[index] = dataclasses.replace(the_plan, dataset=shared.setdefault(key, dataset))
+        dataset = shared.setdefault(_dataset_key(the_plan.dataset), the_plan.dataset)
+        plans[index] = dataclasses.replace(the_plan, dataset=dataset)
+
+
+@contextlib.contextmanager
+def dataset_pool() -> Iterator[None]:
+    """Within it, every run of the same data holds one dataset object, loaded once, as the
+    models of one stack do: a tuning worker's trials read a dataset's files (or draw it) once,
+    not once per trial. Runs never change a dataset; each places it on its device, and ends
+    its loader workers, as before."""
+    global _POOL
+    outer, _POOL = _POOL, {} if _POOL is None else _POOL
+    try:
+        yield
+    finally:
+        _POOL = outer
 
 
 def _reuse_or_train(plans: list[RunPlan]) -> list[RunResult | Exception]:

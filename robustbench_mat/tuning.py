@@ -57,7 +57,15 @@ from robustbench_mat.evaluation import higher_is_better
 from robustbench_mat.method import Method
 from robustbench_mat.protocols import get_protocol
 from robustbench_mat.registry import DATASETS, METHODS
-from robustbench_mat.runner import RunPlan, RunResult, RunSpec, plan, run, run_many
+from robustbench_mat.runner import (
+    RunPlan,
+    RunResult,
+    RunSpec,
+    dataset_pool,
+    plan,
+    run,
+    run_many,
+)
 from robustbench_mat.tracking import TAGS, Tracker
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -464,7 +472,13 @@ def ask_trial(study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna
 
 
 def worker_loop(spec: TuneSpec, worker: int = 0, log: Callable[[str], None] = print) -> None:
-    """Run trials until the study holds `target_trials(spec)` finished or running trials."""
+    """Run trials until the study holds `target_trials(spec)` finished or running trials. The
+    worker's trials load their dataset once (`dataset_pool`)."""
+    with dataset_pool():
+        _work(spec, worker, log)
+
+
+def _work(spec: TuneSpec, worker: int, log: Callable[[str], None]) -> None:
     the_plan = base_plan(spec)
     study = open_study(spec, the_plan, worker)
     space = trial_space(spec, the_plan)
@@ -727,7 +741,7 @@ def tune(spec: TuneSpec, log: Callable[[str], None] = print) -> TuneResult:
             "(some are still running elsewhere or failed); run the same command again"
         )
     best = study.best_trial
-    with _failing_parent(tracker, parent):
+    with _failing_parent(tracker, parent), dataset_pool():
         finals = _final_runs(spec, study, best, parent, tracker, log)
     _close_parent(tracker, parent, study, best, finals, the_plan.criterion)
     return TuneResult(

@@ -3,6 +3,7 @@ resumes and workers, MLflow parent/child runs and the final seed runs."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sqlite3
@@ -397,3 +398,53 @@ def test_a_batch_asks_only_for_the_free_slots_and_gives_up_those_taken_meanwhile
     assert [t.number for t in trials] == [2]
     surplus = study.trials[4]
     assert surplus.state == TrialState.FAIL and surplus.user_attrs["surplus"]
+
+
+def test_a_workers_trials_and_seed_runs_load_the_dataset_once(make_workdir, monkeypatch) -> None:
+    """Each split is drawn once by the worker's trials and once by the seed runs, not once per
+    run, and every run's numbers are those of runs that load the data themselves."""
+    synthetic = DATASETS.get("synthetic")
+    drawn = []
+    real_load = synthetic.load_split
+
+    def load_split(self, split):
+        drawn.append(split)
+        return real_load(self, split)
+
+    def metrics(workdir):
+        _, runs = _runs(workdir)
+        return sorted(
+            (r.data.tags["robustbench.kind"], r.data.tags.get("robustbench.trial", ""), key, value)
+            for r in runs
+            for key, value in r.data.metrics.items()
+            if not key.startswith("history/")
+        )
+
+    monkeypatch.setattr(synthetic, "load_split", load_split)
+    pooled = make_workdir("pooled")
+    tune(_spec(pooled), log=lambda line: None)
+    assert sorted(drawn) == sorted(["test", "train", "val"] * 2)
+    drawn.clear()
+    monkeypatch.setattr(tuning, "dataset_pool", contextlib.nullcontext)
+    separate = make_workdir("separate")
+    tune(_spec(separate), log=lambda line: None)
+    # Each of the 4 trials and the one new seed run (seed 0 is the best trial's run) drew its own.
+    assert len(drawn) == 5 * 3
+    assert metrics(pooled) == metrics(separate)
+
+
+def test_a_dataset_pool_shares_datasets_of_the_same_data_only() -> None:
+    from robustbench_mat.runner import RunSpec, dataset_pool, plan
+
+    def dataset(**data):
+        spec = RunSpec(method="erm", dataset="synthetic", data_params={**TINY, **data})
+        return plan(spec).dataset
+
+    assert dataset() is not dataset()
+    with dataset_pool():
+        first = dataset()
+        assert dataset() is first
+        assert dataset(noise_std=0.1) is not first
+        with dataset_pool():
+            assert dataset() is first
+    assert dataset() is not first
