@@ -831,8 +831,8 @@ class _EvaluationBlock:
         self.pending[slot] = (step, mean_loss, KeptState(state, method.logged_state()))
 
     def flush(self, record: Callable[..., None]) -> None:
-        """Compute the pending evaluations and hand each to `record(step, mean_loss,
-        logits_of, kept)` in step order, until the model stops (e.g. pruned)."""
+        """Compute the pending evaluations and hand each to `record(model, step, mean_loss,
+        logits_of, kept, metrics_of)` in step order, until the model stops (e.g. pruned)."""
         from robustbench_mat.stacking import predict_states
 
         if not self.pending:
