@@ -39,9 +39,11 @@ def predict(
     split: GroupedSplit,
     device: torch.device,
     batch_size: int = 4096,
+    stacked: bool = False,
 ) -> torch.Tensor:
     """Logits for every example of `split`, in dataset order, on the CPU; on-disk inputs are
-    read as the split's `loading` says (the run's loader workers)."""
+    read as the split's `loading` says (the run's loader workers). With `stacked`, `predict_fn`
+    gives several models' logits at once (shape (M, n, ...)), and so does this."""
     outputs = []
     if split.in_memory and 0 < len(split) == len(split.inputs) <= batch_size:
         # One batch (full-batch evaluation of a small split): no slicing, no concatenation.
@@ -54,7 +56,7 @@ def predict(
         for x in split.eval_loader(batch_size):
             x = finish_batch(split.inputs, x.to(device, non_blocking=True))
             outputs.append(predict_fn(x).float().cpu())
-    return torch.cat(outputs)
+    return torch.cat(outputs, dim=1 if stacked else 0)
 
 
 def train_group_weights(train: GroupedSplit) -> torch.Tensor:

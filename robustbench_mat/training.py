@@ -719,11 +719,7 @@ class _Stacked:
         def logits(split: GroupedSplit) -> torch.Tensor:
             if (k, split.name) not in self._logits:
                 with _autocast(model.settings):
-                    chunks = [
-                        self.stack.predict(split.inputs[i : i + size].to(self.device))
-                        for i in range(0, len(split), size)
-                    ]
-                every = torch.cat(chunks, dim=1).float().cpu()
+                    every = predict(self.stack.predict, split, self.device, size, stacked=True)
                 self._every[split.name] = every
                 for j in range(len(self.models)):
                     self._logits[(j, split.name)] = every[j]
@@ -842,15 +838,15 @@ class _EvaluationBlock:
         filler = next(iter(pending.values()))[2].state
         states = [pending[k][2].state if k in pending else filler for k in range(self.size)]
         size, device, logits = model.dataset.eval_batch_size, model.settings.device, {}
+
+        def kept_logits(x: torch.Tensor) -> torch.Tensor:
+            return predict_states(model.method, states, x)
+
         model.method.eval()
         try:
             with intra_op_threads(self.threads), _autocast(model.settings):
                 for split in model.eval_splits:
-                    chunks = [
-                        predict_states(model.method, states, split.inputs[i : i + size].to(device))
-                        for i in range(0, len(split), size)
-                    ]
-                    logits[split.name] = torch.cat(chunks, dim=1).float().cpu()
+                    logits[split.name] = predict(kept_logits, split, device, size, stacked=True)
         finally:
             model.method.train()
         slots, metrics = sorted(pending), {}
@@ -982,10 +978,10 @@ def _loop(models: list[_Model]) -> None:
                     stepper.sync(model)
                     model.snapshot(step)
                 if scheduled or last or model.stopped:
-                    settle()
-                if model.error is None and (scheduled or last or model.stopped):
-                    stepper.sync(model)
-                    model.checkpoint(step, stepper.optimizer_state(model))
+                    settle()  # the checkpoint saves the history
+                    if model.error is None:
+                        stepper.sync(model)
+                        model.checkpoint(step, stepper.optimizer_state(model))
                 if model.stopped:
                     stepper.freeze(model)
             if not any(model.training for model in models):
