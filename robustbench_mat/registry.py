@@ -178,8 +178,7 @@ def plugin_listing() -> Listing:
     `robustbench-mat list` prints.
 
     Finding the plugins imports every one of them, and with them torch (about 2 s). The rows are
-    therefore kept in the user's cache folder (`plugins.json` in `$ROBUSTBENCH_MAT_CACHE_DIR`,
-    by default `$XDG_CACHE_HOME/robustbench-mat/`, else `~/.cache/robustbench-mat/`) under a
+    therefore kept in the user's cache folder (`plugins.json` in `cache_folder()`) under a
     fingerprint of everything that could change them: this package's version and registry, the
     built-in plugin files, and every installed plugin's entry point, package version and files
     (paths, sizes and modification times). A later call with the same fingerprint reads the
@@ -206,13 +205,18 @@ def plugin_listing() -> Listing:
     return rows
 
 
-def _listing_cache() -> Path:
+def cache_folder() -> Path:
+    """The user's cache folder for what the package can rebuild at any time (the plugin
+    listing, an empty MLflow store): `$ROBUSTBENCH_MAT_CACHE_DIR`, by default
+    `$XDG_CACHE_HOME/robustbench-mat/`, else `~/.cache/robustbench-mat/`."""
     folder = os.environ.get("ROBUSTBENCH_MAT_CACHE_DIR")
-    if not folder:
-        folder = (
-            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robustbench-mat"
-        )
-    return Path(folder) / "plugins.json"
+    if folder:
+        return Path(folder)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robustbench-mat"
+
+
+def _listing_cache() -> Path:
+    return cache_folder() / "plugins.json"
 
 
 def _store(path: Path, content: dict[str, Any]) -> None:

@@ -15,6 +15,8 @@ import functools
 import logging
 import math
 import os
+import shutil
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -99,17 +101,95 @@ def ensure_store(uri: str, default_artifact_root: str | None) -> None:
     with FileLock(f"{path}.lock"):
         if path.exists():  # created meanwhile by another process
             return
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
         creating = path.with_name(f".{path.name}.creating")
-        creating.unlink(missing_ok=True)
         _quiet_mlflow_logs()
-        with _unsynced_sqlite(creating):
-            store = SqlAlchemyStore(f"sqlite:///{creating}", default_artifact_root or "./mlruns")
-            store.engine.dispose()
+        _new_store(creating, default_artifact_root or "./mlruns")
         with open(creating, "rb+") as file:  # durable before it takes the store's name
             os.fsync(file.fileno())
         os.replace(creating, path)
+
+
+def _new_store(path: Path, artifact_root: str) -> None:
+    """Make an MLflow store in the file `path`. Its tables come from a copy of `_empty_store()`
+    (MLflow's own migrations, run once per MLflow version: about 0.65 s, against a few ms for
+    the copy); MLflow then checks the copy's schema version and adds the default experiment,
+    as it does for any store. Where the copy fails or MLflow refuses it, the migrations run
+    in `path` itself."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    path.unlink(missing_ok=True)
+    uri = f"sqlite:///{path}"
+    template = _empty_store()
+    try:
+        if template is not None:
+            shutil.copyfile(template, path)
+        with _unsynced_sqlite(path):
+            SqlAlchemyStore(uri, artifact_root).engine.dispose()
+    except Exception as error:
+        if template is None:
+            raise
+        logging.getLogger(__name__).warning(
+            "the cached empty MLflow store %s could not be used (%s); making the tables anew",
+            template,
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+        )
+        # MLflow keeps one engine per URI; the refused one still holds the copy open.
+        refused = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+        if refused is not None:
+            refused.dispose()
+        template.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        with _unsynced_sqlite(path):
+            SqlAlchemyStore(uri, artifact_root).engine.dispose()
+
+
+def _empty_store() -> Path | None:
+    """An sqlite file holding MLflow's tables at this MLflow version's schema and nothing else
+    (no experiment: the default one names the store's own artifact folder), made once in the
+    cache folder (`registry.cache_folder()`). None where that folder cannot be written."""
+    import mlflow
+    import sqlalchemy
+
+    try:
+        from mlflow.store.db.utils import _initialize_tables
+    except ImportError:  # another MLflow layout: every store runs the migrations itself
+        return None
+    from robustbench_mat.registry import cache_folder
+
+    template = cache_folder() / f"mlflow-{mlflow.__version__}-empty.db"
+    if _readable_store(template):
+        return template
+    try:
+        template.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{template}.lock"):
+            if _readable_store(template):
+                return template
+            building = template.with_name(f".{template.name}.building")
+            building.unlink(missing_ok=True)
+            with _unsynced_sqlite(building):
+                engine = sqlalchemy.create_engine(f"sqlite:///{building}")
+                try:
+                    _initialize_tables(engine)
+                finally:
+                    engine.dispose()
+            with open(building, "rb+") as file:
+                os.fsync(file.fileno())
+            os.replace(building, template)
+    except OSError:
+        return None
+    return template
+
+
+def _readable_store(path: Path) -> bool:
+    """Whether `path` is an sqlite file with a schema version (MLflow retries opening a file
+    that is not a database for about 100 s before it fails)."""
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as database:
+            return database.execute("SELECT count(*) FROM alembic_version").fetchone() == (1,)
+    except sqlite3.Error:
+        return False
 
 
 @contextlib.contextmanager

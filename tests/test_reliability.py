@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from helpers import only_run_dir
@@ -279,25 +280,41 @@ def test_a_locked_store_is_waited_for_then_fails_in_one_line(workdir, monkeypatc
     assert MlflowClient(tracker.uri).get_run(run_id).data.tags["k"] == "v"
 
 
-def test_a_store_killed_while_being_created_is_created_again(tmp_path):
+@pytest.mark.parametrize("cache", ["new", "unwritable"])
+def test_a_store_killed_while_being_created_is_created_again(tmp_path, monkeypatch, cache):
+    """Killed during MLflow's migrations: those of the cached empty store that new stores copy,
+    or, where the cache folder cannot be written, those of the store itself."""
     work = tmp_path / "work"
+    if cache == "new":
+        folder = tmp_path / "cache"
+        migrating = folder / f".mlflow-{mlflow.__version__}-empty.db.building"
+    else:
+        (tmp_path / "file").write_text("")
+        folder = tmp_path / "file" / "cache"
+        migrating = work / ".mlflow.db.creating"
+    monkeypatch.setenv("ROBUSTBENCH_MAT_CACHE_DIR", str(folder))
     code = (
         "import sys; from pathlib import Path; from robustbench_mat.tracking import Tracker; "
         "Tracker(Path(sys.argv[1]))"
     )
     process = subprocess.Popen([sys.executable, "-c", code, str(work)])
-    creating = work / ".mlflow.db.creating"
     deadline = time.time() + 60
-    while not creating.exists() and time.time() < deadline:
+    while not migrating.exists() and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(0.1)  # part-way through the migrations (they take about 1 s here)
     process.kill()
     process.wait()
     assert not (work / "mlflow.db").exists()  # never a half-made store under the real name
+    assert not list(folder.glob("mlflow-*-empty.db"))  # nor a half-made empty store
 
     tracker = Tracker(work)
     assert tracker.experiment_id("synthetic")
-    assert not creating.exists()
+    assert not (work / ".mlflow.db.creating").exists()
+    if cache == "new":
+        assert {p.name for p in folder.iterdir()} == {
+            f"mlflow-{mlflow.__version__}-empty.db",
+            f"mlflow-{mlflow.__version__}-empty.db.lock",
+        }
 
 
 def test_two_identical_first_commands_at_once_record_one_run(tmp_path):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 
 import mlflow
+import mlflow.store.db.utils
 import pandas as pd
 import pytest
 import sqlalchemy
@@ -271,6 +273,83 @@ def test_a_new_store_is_made_unsynced_then_synced_and_renamed(tmp_path, monkeypa
         assert connection.execute("PRAGMA journal_mode").fetchone() == ("delete",)
         tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master")}
     assert {"runs", "metrics", "latest_metrics", "alembic_version"} <= tables
+
+
+def _store_contents(path):
+    """Every table's schema and rows of the sqlite store `path`, timestamps left out. Each
+    statement's lines are sorted: MLflow's migrations write a table's constraints in an order
+    that varies from one run to the next."""
+    with sqlite3.connect(path) as connection:
+        schema = sorted(
+            (kind, name, sorted(line.strip(" \t,") for line in (sql or "").splitlines()))
+            for kind, name, sql in connection.execute("SELECT type, name, sql FROM sqlite_master")
+        )
+        tables = [name for kind, name, _ in schema if kind == "table"]
+        rows = {
+            table: sorted(map(repr, connection.execute(f'SELECT * FROM "{table}"')))
+            for table in tables
+            if table != "experiments"
+        }
+        rows["experiments"] = list(
+            connection.execute(
+                "SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments"
+            )
+        )
+    return schema, rows
+
+
+def test_new_stores_copy_one_empty_store_that_mlflow_made(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTBENCH_MAT_CACHE_DIR", str(tmp_path / "cache"))
+    migrations = []
+    real = mlflow.store.db.utils._initialize_tables
+    monkeypatch.setattr(
+        mlflow.store.db.utils, "_initialize_tables", lambda e: (migrations.append(e), real(e))
+    )
+    for name in ("one", "two", "three"):
+        tracking.ensure_store(f"sqlite:///{tmp_path / name}.db", str(tmp_path / f"art-{name}"))
+    assert len(migrations) == 1  # the cached empty store's; each new store is its copy
+    assert len(list((tmp_path / "cache").glob("mlflow-*-empty.db"))) == 1
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    direct = tmp_path / "direct.db"  # what MLflow itself makes of an empty file
+    SqlAlchemyStore(f"sqlite:///{direct}", str(tmp_path / "art-two")).engine.dispose()
+    assert len(migrations) == 2
+    schema, rows = _store_contents(direct)
+    assert rows["experiments"] == [(0, "Default", str(tmp_path / "art-two" / "0"), "active")]
+    assert _store_contents(tmp_path / "two.db") == (schema, rows)
+    assert _store_contents(tmp_path / "three.db")[1]["experiments"] == [
+        (0, "Default", str(tmp_path / "art-three" / "0"), "active")
+    ]
+
+
+def test_a_damaged_or_unwritable_cached_empty_store_still_gives_a_store(
+    tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setenv("ROBUSTBENCH_MAT_CACHE_DIR", str(tmp_path / "cache"))
+    first = tmp_path / "first.db"
+    tracking.ensure_store(f"sqlite:///{first}", str(tmp_path / "art"))
+    (template,) = (tmp_path / "cache").glob("mlflow-*-empty.db")
+    schema = _store_contents(first)[0]
+    template.write_bytes(b"not a database")  # made again before use
+    assert Tracker(tmp_path / "work").experiment_id("toy")
+    assert _store_contents(tmp_path / "work" / "mlflow.db")[0] == schema
+    assert _store_contents(template)[0] == schema
+
+    with sqlite3.connect(template) as connection:  # a database MLflow refuses when it opens it
+        connection.execute("UPDATE alembic_version SET version_num = 'elsewhere'")
+    with caplog.at_level(logging.WARNING, logger="robustbench_mat.tracking"):
+        assert Tracker(tmp_path / "refused").experiment_id("toy")
+    assert "cached empty MLflow store" in caplog.text and "could not be used" in caplog.text
+    assert "out-of-date database schema" in caplog.text  # MLflow's reason
+    assert _store_contents(tmp_path / "refused" / "mlflow.db")[0] == schema
+    assert not template.exists()  # made again by the next new store
+    tracking.ensure_store(f"sqlite:///{tmp_path / 'next.db'}", str(tmp_path / "art"))
+    assert _store_contents(template)[0] == schema
+
+    (tmp_path / "not-a-folder").write_text("")
+    monkeypatch.setenv("ROBUSTBENCH_MAT_CACHE_DIR", str(tmp_path / "not-a-folder"))
+    assert Tracker(tmp_path / "other").experiment_id("toy")
 
 
 def test_workdir_resolution(monkeypatch, tmp_path):
