@@ -43,6 +43,7 @@ class GroupDRO(Method):
     needs_train_groups = True
     inferred_groups_variant = "xrm"  # GroupDRO on XRM-inferred groups
     stack_varying = ("eta",)
+    pure_loss = True
     hparams = {
         "eta": HParam(
             1e-2,

@@ -64,6 +64,7 @@ class MAT(Method):
     )
     group_inference = "xrm-infer"
     stack_varying = ("temperature",)
+    pure_loss = True
     hparams = {
         "temperature": HParam(
             0.1,

@@ -100,6 +100,11 @@ class Method(nn.Module):
     # them as 0-d tensors; only arithmetic, no `if` on them). Settings not listed are shared.
     stackable: ClassVar[bool] = True
     stack_varying: ClassVar[tuple[str, ...]] = ()
+    # Whether the method's own `loss` (and what it calls) computes from tensors only: the
+    # network, buffers, settings and batch, with no Python state that changes between steps (a
+    # counter, a schedule). A stack then records its step once and replays it (`stacking`).
+    # Read from the class that defines `loss`: a subclass that overrides it declares it again.
+    pure_loss: ClassVar[bool] = False
     # Defaults of the method's own settings that differ on some datasets, by dataset name
     # (chosen as its paper chooses them; each says why in the method's docstring).
     dataset_defaults: ClassVar[dict[str, dict[str, Any]]] = {}

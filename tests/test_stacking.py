@@ -7,12 +7,19 @@ import math
 import mlflow
 import pytest
 import torch
+from torch.fx.experimental import proxy_tensor
 
 from robustbench_mat.errors import RunFailed, RunPruned
 from robustbench_mat.method import Method
 from robustbench_mat.registry import DATASETS, METHODS, register_method
 from robustbench_mat.runner import RunSpec, run, run_many
-from robustbench_mat.stacking import ModelStack, StackedOptimizer, why_not_stackable
+from robustbench_mat.stacking import (
+    MAX_RECORDED_STEPS,
+    ModelStack,
+    StackedOptimizer,
+    replayable,
+    why_not_stackable,
+)
 
 TOLERANCE = 1e-5
 # Or a few float32 steps of the value: a diverging run's loss of 267 is held to 3e-5 in float32.
@@ -155,6 +162,121 @@ def _defaults(method: str, dataset) -> dict:
 
     specs = METHODS.get(method).hparam_specs(dataset)
     return resolve(specs, {}, method)
+
+
+def _members(method: str, dataset, lrs=(0.1, 0.3, 1.0)) -> list[Method]:
+    torch.manual_seed(0)
+    return [METHODS.get(method)(dataset, {**_defaults(method, dataset), "lr": lr}) for lr in lrs]
+
+
+@pytest.fixture
+def recordings(monkeypatch):
+    """The steps recorded for replay (one entry per call of `make_fx`)."""
+    calls = []
+    real = proxy_tensor.make_fx
+    monkeypatch.setattr(proxy_tensor, "make_fx", lambda f: calls.append(f) or real(f))
+    return calls
+
+
+def _steps_alike(replayed, direct, dataset, batch_shapes, per_member=False) -> None:
+    """SGD steps of the two stacks on the same random batches: the same losses, gradients and
+    weights at every step, bit for bit."""
+    optimizers = StackedOptimizer(replayed), StackedOptimizer(direct)
+    train = dataset.split("train")
+    generator = torch.Generator().manual_seed(0)
+    initial = direct.params["model.weight"].detach().clone()
+    for shape in batch_shapes:
+        idx = torch.randint(0, len(train.y), shape, generator=generator)
+        batch = (idx, train.inputs[idx], train.y[idx], train.a[idx], dataset.n_attributes)
+        (losses, gradients), (twin_losses, twin_gradients) = (
+            stack.losses_and_gradients(*batch, per_member) for stack in (replayed, direct)
+        )
+        assert torch.equal(losses, twin_losses)
+        assert gradients.keys() == twin_gradients.keys() == set(direct.trained)
+        assert all(torch.equal(gradients[k], twin_gradients[k]) for k in gradients)
+        optimizers[0].step(gradients)
+        optimizers[1].step(twin_gradients)
+        assert all(torch.equal(replayed.params[k], direct.params[k]) for k in direct.params)
+    assert not torch.equal(initial, direct.params["model.weight"])  # they did train
+
+
+@pytest.mark.parametrize("per_member", [False, True])
+def test_a_replayed_step_gives_the_numbers_of_the_step_it_recorded(recordings, per_member):
+    dataset = DATASETS.get("synthetic")(n=60, dim=8)
+    replayed, direct = ModelStack(_members("erm", dataset)), ModelStack(_members("erm", dataset))
+    direct.replay = False
+    assert replayed.replay
+    shape = (3, 16) if per_member else (16,)
+    _steps_alike(replayed, direct, dataset, [shape] * 5, per_member)
+    assert len(recordings) == 1  # recorded at the first step, replayed at the four others
+
+
+def test_only_a_step_with_the_base_loss_or_a_pure_one_is_replayed():
+    """A method's own loss, or a dataset's, may hold Python state that a recording would
+    freeze: such steps run through `vmap` every time, unless the class that defines the loss
+    declares it `pure_loss`."""
+    synthetic = DATASETS.get("synthetic")(n=40, dim=6)
+    for method in ("erm", "jtt", "rwg", "suby", "groupdro", "mat", "xrm"):
+        assert replayable(METHODS.get(method)(synthetic, _defaults(method, synthetic))), method
+    for method in ("focal", "ldam", "cvardro", "reweight"):
+        assert not replayable(METHODS.get(method)(synthetic, _defaults(method, synthetic))), method
+
+    class Counting(METHODS.get("groupdro")):  # inherits pure_loss, but not the loss it was for
+        def loss(self, batch):
+            return super().loss(batch) * 2
+
+    assert not replayable(Counting(synthetic, _defaults("groupdro", synthetic)))
+
+    class OwnLoss(type(synthetic)):
+        def loss(self, outputs, y):
+            return super().loss(outputs, y) * 2
+
+    own = OwnLoss(n=40, dim=6)
+    assert not replayable(METHODS.get("erm")(own, _defaults("erm", own)))
+
+
+def test_a_replayed_groupdro_step_updates_its_weights_once_per_step(recordings):
+    """Recording runs the step on copies: the weights move once per step, as through vmap."""
+    dataset = DATASETS.get("synthetic")(n=60, dim=8)
+    replayed = ModelStack(_members("groupdro", dataset))
+    direct = ModelStack(_members("groupdro", dataset))
+    direct.replay = False
+    before = direct.buffers["group_weights"].clone()
+    _steps_alike(replayed, direct, dataset, [(16,)] * 4)
+    assert len(recordings) == 1
+    assert torch.equal(replayed.buffers["group_weights"], direct.buffers["group_weights"])
+    assert not torch.equal(before, direct.buffers["group_weights"])
+
+
+def test_a_step_that_cannot_be_recorded_runs_through_vmap(monkeypatch):
+    dataset = DATASETS.get("synthetic")(n=60, dim=8)
+    attempts = []
+
+    def refuse(function):
+        attempts.append(function)
+        raise RuntimeError("an operation the recording cannot follow")
+
+    monkeypatch.setattr(proxy_tensor, "make_fx", refuse)
+    replayed, direct = ModelStack(_members("erm", dataset)), ModelStack(_members("erm", dataset))
+    direct.replay = False
+    _steps_alike(replayed, direct, dataset, [(16,)] * 3)
+    assert len(attempts) == 1 and list(replayed._recorded.values()) == [None]
+
+
+def test_a_stack_records_a_few_batch_layouts_at_most(recordings):
+    dataset = DATASETS.get("synthetic")(n=60, dim=8)
+    replayed, direct = ModelStack(_members("erm", dataset)), ModelStack(_members("erm", dataset))
+    direct.replay = False
+    sizes = [(n,) for n in range(4, 4 + MAX_RECORDED_STEPS + 2)]
+    _steps_alike(replayed, direct, dataset, sizes + sizes)
+    assert len(recordings) == MAX_RECORDED_STEPS  # then every new layout runs through vmap
+
+
+@pytest.mark.parametrize("method", ["erm", "mat"])
+def test_stacked_runs_are_replayed_and_equal_runs_trained_alone(tmp_path, recordings, method):
+    alone, stacked = _train_both(tmp_path, method)
+    _assert_same(alone, stacked)
+    assert recordings  # the stack of the three runs was replayed
 
 
 def test_stacked_sgd_matches_torch_by_hand():
