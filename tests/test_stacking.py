@@ -401,12 +401,23 @@ class ItemInLoss(Method):
         return loss * (2.0 if loss.item() > 100 else 1.0)
 
 
-def test_hooks_that_cannot_be_vectorised_fall_back_to_one_at_a_time(tmp_path, capsys):
+@register_method("test-item-in-pure-loss")
+class ItemInPureLoss(Method):
+    """The same loss, wrongly declared pure: its step can be neither recorded nor vectorised."""
+
+    pure_loss = True
+
+    def loss(self, batch):
+        return ItemInLoss.loss(self, batch)
+
+
+@pytest.mark.parametrize("method", ["test-item-in-loss", "test-item-in-pure-loss"])
+def test_hooks_that_cannot_be_vectorised_fall_back_to_one_at_a_time(tmp_path, capsys, method):
     """Its models train alone, with one line saying so, and end as they would have alone."""
-    outcomes = run_many(_specs(tmp_path, "test-item-in-loss"))
+    outcomes = run_many(_specs(tmp_path, method))
     assert all(not isinstance(o, BaseException) for o in outcomes), outcomes
     assert capsys.readouterr().err.count("cannot be vectorised") == 1
-    alone = run(_specs(tmp_path / "alone", "test-item-in-loss")[2])
+    alone = run(_specs(tmp_path / "alone", method)[2])
     assert outcomes[2].final == pytest.approx(alone.final, abs=TOLERANCE)
 
 
