@@ -14,6 +14,7 @@ Prints trials per minute for K = 1 and K = 32 and their ratio, and checks that e
 selected and final metrics are the same in both runs (to 1e-5).
 
     python benchmarks/bench_parallel_trials.py [--trials 32] [--steps 2000] [--only features]
+        [--stacked-only]
 """
 
 from __future__ import annotations
@@ -101,11 +102,22 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2000, help="steps per features trial")
     parser.add_argument("--only", choices=sorted(WORKLOADS))
+    parser.add_argument(
+        "--stacked-only",
+        action="store_true",
+        help="time only K = trials, after a 2-trial warm-up (to compare two commits quickly)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.trials} trials")
     for workload in [args.only] if args.only else list(WORKLOADS):
         steps = args.steps if workload == "features" else None
+        if args.stacked_only:
+            with tempfile.TemporaryDirectory() as warm, tempfile.TemporaryDirectory() as many:
+                timed_tune(workload, 1, 2, steps and 20, Path(warm))  # imports, cached store
+                stacked = timed_tune(workload, args.trials, args.trials, steps, Path(many))
+            print(f"{workload}: K={args.trials} {stacked:.2f} s")
+            continue
         with tempfile.TemporaryDirectory() as one, tempfile.TemporaryDirectory() as many:
             alone = timed_tune(workload, 1, args.trials, steps, Path(one))
             stacked = timed_tune(workload, args.trials, args.trials, steps, Path(many))
