@@ -99,6 +99,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+# Batch layouts (shapes) whose step one stack records; beyond them, steps run through vmap.
 MAX_RECORDED_STEPS = 4
 
 
