@@ -104,9 +104,13 @@ def ensure_store(uri: str, default_artifact_root: str | None) -> None:
         creating = path.with_name(f".{path.name}.creating")
         _quiet_mlflow_logs()
         _new_store(creating, default_artifact_root or "./mlruns")
-        with open(creating, "rb+") as file:  # durable before it takes the store's name
-            os.fsync(file.fileno())
-        os.replace(creating, path)
+        _sync_and_rename(creating, path)  # durable before it takes the store's name
+
+
+def _sync_and_rename(temporary: Path, path: Path) -> None:
+    with open(temporary, "rb+") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
 
 
 def _new_store(path: Path, artifact_root: str) -> None:
@@ -117,14 +121,18 @@ def _new_store(path: Path, artifact_root: str) -> None:
     refuses it, the migrations run in `path` itself."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    path.unlink(missing_ok=True)
     uri = f"sqlite:///{path}"
+
+    def open_store() -> None:  # MLflow runs its migrations if the file has no tables
+        with _unsynced_sqlite(path):
+            SqlAlchemyStore(uri, artifact_root).engine.dispose()
+
+    path.unlink(missing_ok=True)
     template = _empty_store()
     try:
         if template is not None:
             shutil.copyfile(template, path)
-        with _unsynced_sqlite(path):
-            SqlAlchemyStore(uri, artifact_root).engine.dispose()
+        open_store()
     except Exception as error:
         if template is None:
             raise
@@ -139,8 +147,7 @@ def _new_store(path: Path, artifact_root: str) -> None:
             refused.dispose()
         template.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-        with _unsynced_sqlite(path):
-            SqlAlchemyStore(uri, artifact_root).engine.dispose()
+        open_store()
 
 
 def _empty_store() -> Path | None:
@@ -172,9 +179,7 @@ def _empty_store() -> Path | None:
                     _initialize_tables(engine)
                 finally:
                     engine.dispose()
-            with open(building, "rb+") as file:
-                os.fsync(file.fileno())
-            os.replace(building, template)
+            _sync_and_rename(building, template)
     except OSError:
         return None
     return template
